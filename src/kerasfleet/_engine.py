@@ -1,0 +1,160 @@
+"""The compiled Keras inference path a worker runs (imported only inside workers).
+
+`model.predict` builds a data adapter and a dataset on every call; here the model is compiled
+once per (batch size, row shapes) into a backend-native function - `jax.jit` over
+`stateless_call` on JAX, `tf.function` on TensorFlow, inference mode on torch - and every batch
+is padded to that fixed size, so a chunk of any length never causes a retrace.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._errors import InputError
+
+Key = tuple[int, tuple[tuple[tuple[int, ...], str], ...]]  # (batch size, ((row shape, dtype), ...))
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    shape: tuple[int, ...]  # per row
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """How `model.predict` shapes the outputs: one array, a list, or a dict keyed by name."""
+
+    structure: str  # "single", "list" or "dict"
+    specs: tuple[OutputSpec, ...]
+
+
+class KerasEngine:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        input_structure: str,
+        input_names: Sequence[str] | None,
+        custom_objects: dict[str, Any] | None,
+        modules: Sequence[str],
+        safe_mode: bool,
+    ) -> None:
+        import keras
+
+        for module in modules:
+            # Registered serialisables register themselves on import.
+            importlib.import_module(module)
+        self.keras = keras
+        self.backend = keras.backend.backend()
+        self.model = keras.saving.load_model(model_path, custom_objects=custom_objects, safe_mode=safe_mode, compile=False)
+        self.input_structure = input_structure
+        self.input_names = list(input_names) if input_names is not None else None
+        self._compiled: dict[Key, tuple[Callable[[list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]]] = {}
+        self.traces = 0
+        self._outputs: dict[Key, Outputs] = {}
+
+    # -- building --------------------------------------------------------------------------
+    def _pack(self, arrays: list[Any]) -> Any:
+        if self.input_structure == "dict":
+            assert self.input_names is not None
+            return dict(zip(self.input_names, arrays))
+        if self.input_structure == "list" or len(arrays) > 1:
+            return list(arrays)
+        return arrays[0]
+
+    def _flatten(self, out: Any) -> tuple[str, list[str], list[Any]]:
+        if isinstance(out, dict):
+            keys = list(out)
+            return "dict", keys, [out[k] for k in keys]
+        if isinstance(out, (list, tuple)):
+            names = list(getattr(self.model, "output_names", None) or [])
+            if len(names) != len(out):
+                names = [f"output_{i}" for i in range(len(out))]
+            return "list", names, list(out)
+        return "single", ["output_0"], [out]
+
+    def _build(self, batch_size: int) -> Callable[[Any], Any]:
+        model = self.model
+        if self.backend == "jax":
+            import jax
+
+            def forward(tv: Any, ntv: Any, x: Any) -> Any:
+                y, _ = model.stateless_call(tv, ntv, x, training=False)
+                return y
+
+            jitted = jax.jit(forward)
+            tv = [v.value for v in model.trainable_variables]
+            ntv = [v.value for v in model.non_trainable_variables]
+            return lambda x: jitted(tv, ntv, x)
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+
+            return tf.function(lambda x: model(x, training=False), jit_compile=False, reduce_retracing=False)
+        if self.backend == "torch":
+            import torch
+
+            def torch_call(x: Any) -> Any:
+                with torch.inference_mode():
+                    return model(x, training=False)
+
+            return torch_call
+        return lambda x: model(x, training=False)
+
+    def compiled(self, key: Key) -> tuple[Callable[[list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]]:
+        """The function for `key` and its staging buffers; built and warmed on first use."""
+        if key not in self._compiled:
+            batch_size, rows = key
+            fn = self._build(batch_size)
+            staging = [np.zeros((batch_size, *shape), dtype=np.dtype(dtype)) for shape, dtype in rows]
+            convert = self.keras.ops.convert_to_numpy
+
+            def run(arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+                return [np.asarray(convert(o)) for o in self._flatten(fn(self._pack(arrays)))[2]]
+
+            # Trace and compile now, not inside the first chunk; learn the outputs on the way.
+            structure, names, flat = self._flatten(fn(self._pack(staging)))
+            arrays = [np.asarray(convert(o)) for o in flat]
+            if any(a.ndim == 0 or a.shape[0] != batch_size for a in arrays):
+                raise InputError(
+                    f"Expected every model output to keep the batch axis ({batch_size} rows in). "
+                    f"Received: output shapes {[a.shape for a in arrays]}."
+                )
+            self._outputs[key] = Outputs(structure, tuple(OutputSpec(n, a.shape[1:], a.dtype.str) for n, a in zip(names, arrays)))
+            self.traces += 1
+            self._compiled[key] = (run, staging)
+        return self._compiled[key]
+
+    def outputs(self, key: Key) -> Outputs:
+        self.compiled(key)
+        return self._outputs[key]
+
+    # -- running ---------------------------------------------------------------------------
+    def predict_rows(
+        self,
+        key: Key,
+        inputs: list[np.ndarray[Any, Any]],
+        outputs: list[np.ndarray[Any, Any]],
+        start: int,
+        stop: int,
+    ) -> None:
+        """Predict rows [start, stop) of `inputs` into the same rows of `outputs`."""
+        run, staging = self.compiled(key)
+        batch = key[0]
+        for lo in range(start, stop, batch):
+            hi = min(lo + batch, stop)
+            n = hi - lo
+            for buf, src in zip(staging, inputs):
+                # Always copied into the staging buffer: converts dtype, pads the last partial
+                # batch (the tail rows keep stale values, harmless as they are cut off), and no
+                # framework ever aliases shared memory that the caller unlinks later.
+                buf[:n] = src[lo:hi]
+            results = run(staging)
+            for dst, res in zip(outputs, results):
+                dst[lo:hi] = res[:n]
