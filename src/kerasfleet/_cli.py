@@ -1,0 +1,144 @@
+"""The `kerasfleet` command (also `python -m kerasfleet`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ._errors import FleetError
+
+
+def _fail(error: BaseException) -> click.ClickException:
+    return click.ClickException(str(error))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kerasfleet")
+def main() -> None:
+    """Keras models on every core and GPU of this machine."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("input", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help=".npy (results memory-mapped to disk) or .npz (one array per output).")
+@click.option("--workers", type=int, default=None, help="Worker processes (default: cores / threads).")
+@click.option("--threads-per-worker", type=int, default=None, help="Threads each worker uses (default 1 on CPU).")
+@click.option("--batch-size", type=int, default=None, help="Rows per compiled call (default: about 4 MB of input).")
+@click.option("--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None, help="Keras backend of the workers.")
+@click.option("--devices", default="auto", show_default=True, help="auto, cpu, gpu, or GPU ids like 0,1.")
+@click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (runs Lambda code from the file: trusted files only).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a terminal).")
+def predict(
+    model: str,
+    input: str,
+    output: str,
+    workers: int | None,
+    threads_per_worker: int | None,
+    batch_size: int | None,
+    backend: str | None,
+    devices: str,
+    unsafe: bool,
+    progress: bool | None,
+) -> None:
+    """Predict every row of INPUT (.npy/.npz) with MODEL (.keras/.h5) into OUTPUT."""
+    from ._predict import predict as run
+
+    suffix = Path(output).suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise click.BadParameter(f"Expected a .npy or .npz output path. Received: {output!r}.", param_hint="-o")
+    started = time.perf_counter()
+    try:
+        result = run(
+            model,
+            input,
+            out=output if suffix == ".npy" else None,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            batch_size=batch_size,
+            backend=backend,
+            devices=_devices(devices),
+            safe_mode=not unsafe,
+            progress=progress,
+        )
+    except FleetError as exc:
+        if suffix == ".npy" and "multi-output" not in str(exc) and "outputs" in str(exc):
+            raise click.ClickException(f"{exc} Write a multi-output model's results to a .npz instead.") from exc
+        raise _fail(exc) from exc
+    if suffix == ".npz":
+        arrays = result if isinstance(result, dict) else dict(enumerate(result)) if isinstance(result, list) else {"output_0": result}
+        np_savez(output, {str(k) if not isinstance(k, int) else f"output_{k}": v for k, v in arrays.items()})
+    first = result if not isinstance(result, (dict, list)) else next(iter(result.values() if isinstance(result, dict) else result))
+    seconds = time.perf_counter() - started
+    click.echo(f"{len(first)} rows -> {output} in {seconds:.2f} s ({len(first) / seconds:,.0f} rows/s)", err=True)
+
+
+def np_savez(path: str, arrays: dict[str, Any]) -> None:
+    import numpy as np
+
+    np.savez(path, **arrays)
+
+
+def _devices(text: str) -> Any:
+    if text in ("auto", "cpu", "gpu"):
+        return text
+    try:
+        return [int(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        raise click.BadParameter(f"Expected auto, cpu, gpu or GPU ids like 0,1. Received: {text!r}.", param_hint="--devices") from None
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--workers", type=int, default=None)
+@click.option("--threads-per-worker", type=int, default=None)
+@click.option("--devices", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(model: str | None, workers: int | None, threads_per_worker: int | None, devices: str, as_json: bool) -> None:
+    """Cores, workers, threads, backend, devices and batch size kerasfleet would use."""
+    from ._fleet import default_backend
+    from ._jobs import default_batch_size
+    from ._model_file import resolve_model
+    from ._plan import make_plan
+
+    try:
+        plan = make_plan(workers, threads_per_worker, devices=_devices(devices))
+        facts: dict[str, Any] = {
+            "python": sys.version.split()[0],
+            "usable_cores": len(plan.usable_cpus),
+            "cpu_count": os.cpu_count(),
+            "device": plan.device,
+            "gpus": list(plan.gpus),
+            "workers": plan.workers,
+            "threads_per_worker": plan.threads_per_worker,
+            "cores_per_worker": [list(s.cpus) for s in plan.slots],
+            "backend": default_backend(),
+        }
+        if model is not None:
+            sig = resolve_model(model).signature
+            facts["model"] = model
+            if sig.inputs is None:
+                facts["inputs"] = "not declared in the file (subclassed model): checked by the workers"
+            else:
+                facts["inputs"] = [s.describe() for s in sig.inputs]
+                if all(d is not None for s in sig.inputs for d in s.shape):
+                    import numpy as np
+
+                    row_bytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in sig.inputs)
+                    facts["batch_size"] = default_batch_size(row_bytes, plan.device)
+                else:
+                    facts["batch_size"] = "chosen per call from the input's row size"
+    except FleetError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    width = max(len(k) for k in facts)
+    for key, value in facts.items():
+        click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
