@@ -17,12 +17,14 @@ thread inside the public calls; there is no background thread to race with.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import weakref
 from collections import deque
@@ -477,7 +479,8 @@ class Fleet:
         process = self._ctx.Process(
             target=worker_entry, args=(child, env, slot.cpus, self._init), name=f"kerasfleet-worker-{slot.index}", daemon=True
         )
-        process.start()
+        with _environment(env):
+            process.start()
         child.close()
         self._workers.append(_Worker(slot, process, parent))
 
@@ -500,6 +503,30 @@ class Fleet:
             raise FleetClosedError("Cannot predict, as the fleet is broken.") from self._broken
         if self._busy:
             raise RuntimeError("A fleet serves one call at a time; this one is already busy (another thread, or an unfinished imap).")
+
+
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """Put `env` in this process's environment while a worker is spawned.
+
+    A spawned worker inherits the environment at exec, so the thread budget is in place even
+    for the caller's main script, which the worker re-imports before any kerasfleet code runs
+    (and which may import a framework). The bootstrap sets it again, for safety.
+    """
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _terminate_all(workers: list[_Worker], jobs: dict[int, Job], model: ModelFile) -> None:

@@ -1,0 +1,144 @@
+"""A warm fleet shared by the module: repeated calls, streaming, files, memmaps, out=, lifecycle."""
+
+import os
+
+import numpy as np
+import pytest
+from conftest import assert_same, load_x, load_y
+
+import kerasfleet
+from kerasfleet._inputs import normalize_inputs
+
+BACKEND = "jax"
+
+
+@pytest.fixture(scope="module")
+def folder(zoo):
+    return zoo(BACKEND)
+
+
+@pytest.fixture(scope="module")
+def fleet(folder):
+    with kerasfleet.Fleet(folder / "mlp.keras", workers=2, batch_size=128, backend=BACKEND) as f:
+        f.wait_ready(timeout=240)
+        yield f
+
+
+@pytest.fixture(scope="module")
+def x(folder):
+    return load_x(folder, "mlp")
+
+
+@pytest.fixture(scope="module")
+def y(folder):
+    return load_y(folder, "mlp")["output_0"]
+
+
+def test_repeated_calls_reuse_warm_workers(fleet, x, y):
+    pids = fleet.pids
+    for _ in range(3):
+        np.testing.assert_allclose(fleet.predict(x, progress=False), y, rtol=1e-5, atol=1e-6)
+    assert fleet.pids == pids and fleet.stats()["restarts"] == 0
+
+
+def test_single_row_and_other_batch_sizes(fleet, x, y):
+    np.testing.assert_allclose(fleet.predict(x[:1]), y[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fleet.predict(x, batch_size=1000), y, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_and_int_inputs_are_cast_like_keras(fleet, x, y):
+    np.testing.assert_allclose(fleet.predict(x.astype("float64")), y, rtol=1e-5, atol=1e-6)
+
+
+def test_imap_streams_in_order(fleet, x, y):
+    bounds = [0, 1, 500, 501, 2000, len(x)]
+    parts = list(fleet.imap((x[a:b] for a, b in zip(bounds, bounds[1:])), max_inflight=2))
+    assert [len(p) for p in parts] == [b - a for a, b in zip(bounds, bounds[1:])]
+    np.testing.assert_allclose(np.concatenate(parts), y, rtol=1e-5, atol=1e-6)
+
+
+def test_imap_closed_early_frees_its_buffers(fleet, x):
+    stream = fleet.imap(x[i : i + 100] for i in range(0, 3000, 100))
+    next(stream)
+    stream.close()
+    assert [f for f in os.listdir("/dev/shm") if f.startswith("kerasfleet")] == []
+    assert len(fleet.predict(x[:10])) == 10  # the fleet is usable again
+
+
+def test_npy_path_is_memory_mapped_not_copied(fleet, tmp_path, x, y):
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    (source,) = normalize_inputs(str(path), fleet.signature)
+    assert source.file is not None and source.array is None  # workers map the file themselves
+    np.testing.assert_allclose(fleet.predict(str(path)), y, rtol=1e-5, atol=1e-6)
+
+
+def test_memmap_input_is_mapped_by_workers(fleet, tmp_path, x, y):
+    mm = np.lib.format.open_memmap(tmp_path / "m.npy", mode="w+", dtype="float32", shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    (source,) = normalize_inputs(mm, fleet.signature)
+    assert source.file is not None
+    np.testing.assert_allclose(fleet.predict(mm), y, rtol=1e-5, atol=1e-6)
+    # A strided slice of a memmap cannot be reopened by path: it is copied, still correct.
+    (sliced,) = normalize_inputs(mm[1::2], fleet.signature)
+    assert sliced.file is None
+    np.testing.assert_allclose(fleet.predict(mm[1::2]), y[1::2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_path(fleet, tmp_path, x, y, compressed):
+    path = tmp_path / "x.npz"
+    (np.savez_compressed if compressed else np.savez)(path, features=x)
+    (source,) = normalize_inputs(str(path), fleet.signature)
+    assert (source.file is None) == compressed
+    np.testing.assert_allclose(fleet.predict(str(path)), y, rtol=1e-5, atol=1e-6)
+
+
+def test_out_writes_through_a_memmap(fleet, tmp_path, x, y):
+    out = tmp_path / "y.npy"
+    got = fleet.predict(x, out=str(out))
+    assert isinstance(got, np.memmap)
+    np.testing.assert_allclose(np.load(out), y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((10, 31), "float32"), r"Expected input 'features' of shape \(rows, 32\) \(rank 2\). Received: shape \(10, 31\)"),
+        (np.zeros((10, 32, 1), "float32"), r"rank 2"),
+        (np.zeros(32, "float32"), r"Add the batch axis"),
+        (np.zeros((0, 32), "float32"), r"at least one row"),
+        (np.array([[1.0] * 32, [1.0] * 31], dtype=object), r"Received: dtype object \(ragged rows"),
+        (np.zeros((4, 32), "complex64"), r"Received: dtype complex64"),
+        ({"feature": np.zeros((2, 32))}, r"Expected a dict with keys \['features'\].*missing \['features'\]; unknown \['feature'\]"),
+        ([np.zeros((2, 32)), np.zeros((2, 32))], r"Expected 1 input array"),
+        ("missing.npy", r"Expected an existing input file"),
+        ("data.csv", r"Expected a .npy or .npz file"),
+        ("not an array", r"Expected a .npy or .npz file"),
+        (12, r"Expected input 'features' to be a NumPy array"),
+    ],
+)
+def test_bad_input_is_refused_with_what_was_expected(fleet, bad, message):
+    with pytest.raises(kerasfleet.InputError, match=message):
+        fleet.predict(bad)
+
+
+def test_bad_arguments(fleet, x):
+    with pytest.raises(kerasfleet.InputError, match="batch_size"):
+        fleet.predict(x, batch_size=0)
+    with pytest.raises(kerasfleet.InputError, match="out to be a .npy path"):
+        fleet.predict(x, out="y.csv")
+
+
+def test_workers_are_pinned_to_their_cores(fleet):
+    for worker in fleet.stats()["workers"]:
+        for tid in os.listdir(f"/proc/{worker['pid']}/task"):
+            assert sorted(os.sched_getaffinity(int(tid))) == worker["cpus"]
+
+
+def test_worker_environment_has_thread_budget(fleet):
+    for pid in fleet.pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        assert env[b"OMP_NUM_THREADS"] == b"1" and env[b"TF_NUM_INTRAOP_THREADS"] == b"1"
