@@ -1,0 +1,52 @@
+"""The command line, run as a user runs it: a real process, real files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import assert_same, load_x, load_y
+
+
+def cli(*args, timeout=240):
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    return subprocess.run([sys.executable, "-m", "kerasfleet", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def folder(zoo):
+    return zoo("jax")
+
+
+def test_predict_npy_to_npy(folder, tmp_path):
+    np.save(tmp_path / "x.npy", load_x(folder, "mlp"))
+    result = cli("predict", folder / "mlp.keras", tmp_path / "x.npy", "-o", tmp_path / "y.npy", "--workers", 2, "--batch-size", 256)
+    assert result.returncode == 0, result.stderr
+    assert "rows/s" in result.stderr
+    assert_same(np.load(tmp_path / "y.npy"), load_y(folder, "mlp"))
+
+
+def test_predict_multi_io_npz_to_npz(folder, tmp_path):
+    np.savez(tmp_path / "x.npz", x=load_x(folder, "multi_output"))
+    result = cli("predict", folder / "multi_output.keras", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    assert_same(dict(np.load(tmp_path / "y.npz")), load_y(folder, "multi_output"))
+
+
+def test_bad_input_exits_non_zero_with_the_reason(folder, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((3, 7), "float32"))
+    result = cli("predict", folder / "mlp.keras", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert result.returncode != 0
+    assert "Expected input 'features' of shape (rows, 32)" in result.stderr
+    assert not (tmp_path / "y.npy").exists()
+
+
+def test_info_json(folder):
+    result = cli("info", folder / "mlp.keras", "--json")
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert facts["usable_cores"] == len(os.sched_getaffinity(0))
+    assert facts["workers"] * facts["threads_per_worker"] <= facts["usable_cores"]
+    assert facts["batch_size"] == 1024 and facts["backend"] == "jax"

@@ -1,0 +1,93 @@
+"""Model sources: paths (.keras, .h5), in-memory models, custom objects, and clear refusals."""
+
+import numpy as np
+import pytest
+from conftest import assert_same, load_x, load_y
+
+import kerasfleet
+from kerasfleet._model_file import resolve_model
+
+
+@pytest.fixture(scope="module")
+def folder(zoo):
+    return zoo("jax")
+
+
+@pytest.mark.parametrize(
+    "model, error, message",
+    [
+        ("nowhere.keras", kerasfleet.ModelLoadError, r"Expected an existing model file"),
+        ("model.pt", kerasfleet.InputError, r"Expected a model file ending in .keras, .h5"),
+        (42, kerasfleet.InputError, r"Received: model of type int"),
+    ],
+)
+def test_bad_model_argument(model, error, message):
+    with pytest.raises(error, match=message):
+        kerasfleet.predict(model, np.zeros((2, 2)))
+
+
+def test_corrupt_model_files_are_refused_before_start(tmp_path):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"definitely not a zip")
+    with pytest.raises(kerasfleet.ModelLoadError, match=r"corrupt or not a Keras model"):
+        kerasfleet.predict(bad, np.zeros((2, 2)))
+    bad_h5 = tmp_path / "bad.h5"
+    bad_h5.write_bytes(b"nor an hdf5 file")
+    with pytest.raises(kerasfleet.ModelLoadError, match=r"Expected an HDF5 model file"):
+        kerasfleet.predict(bad_h5, np.zeros((2, 2)))
+
+
+def test_unknown_custom_layer_gets_a_hint_before_any_worker(folder):
+    with pytest.raises(kerasfleet.ModelLoadError, match=r"'Secret'.*neither in custom_objects nor importable.*custom_objects=\{'Secret': Secret\}"):
+        kerasfleet.predict(folder / "unimportable.keras", np.zeros((2, 4), "float32"))
+
+
+def test_signature_read_without_keras(folder):
+    sig = resolve_model(folder / "multi_input.keras").signature
+    assert sig.structure == "dict"
+    assert [(s.name, s.shape, s.dtype) for s in sig.inputs] == [("numeric", (12,), "float32"), ("image", (6, 6, 2), "float32")]
+    assert resolve_model(folder / "custom_layer.keras").signature.custom_modules == ("zoo_layers",)
+
+
+def test_in_memory_model_with_custom_layer_matches_predict():
+    import keras
+    from zoo_layers import ScaledDense
+
+    inp = keras.Input((6,), name="x")
+    model = keras.Model(inp, keras.layers.Dense(2)(ScaledDense(4)(inp)))
+    x = np.random.default_rng(0).normal(size=(777, 6)).astype("float32")
+    got = kerasfleet.predict(model, x, workers=1, progress=False)
+    np.testing.assert_allclose(got, model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_h5_model_and_custom_objects(folder, tmp_path):
+    import keras
+    from zoo_layers import ScaledDense
+
+    model = keras.saving.load_model(folder / "custom_layer.keras")
+    path = tmp_path / "legacy.h5"
+    model.save(path)
+    got = kerasfleet.predict(path, load_x(folder, "custom_layer"), workers=1, custom_objects={"ScaledDense": ScaledDense}, progress=False)
+    assert_same(got, load_y(folder, "custom_layer"))
+
+
+def test_lambda_layers_need_an_explicit_opt_out_of_safe_mode(tmp_path):
+    import keras
+
+    inp = keras.Input((3,), name="x")
+    model = keras.Model(inp, keras.layers.Lambda(lambda t: t * 3.0)(inp))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    x = np.ones((5, 3), "float32")
+    with pytest.raises(kerasfleet.ModelLoadError, match="safe_mode=False only if you trust the file"):
+        kerasfleet.predict(path, x, workers=1)
+    np.testing.assert_allclose(kerasfleet.predict(path, x, workers=1, safe_mode=False), x * 3.0)
+
+
+def test_public_api_is_complete():
+    import kerasfleet as kf
+
+    public = {name for name in dir(kf) if not name.startswith("_")} | {"__version__"}
+    assert set(kf.__all__) == public
+    for name in kf.__all__:
+        assert getattr(kf, name) is not None
