@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from conftest import assert_same, load_x, load_y
 
 

@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import HERE, assert_clean, load_x, load_y
 
 import kerasfleet
+from conftest import HERE, assert_clean, load_x, load_y
 from kerasfleet._errors import RemoteTraceback
 
 BACKEND = "jax"

@@ -4,9 +4,9 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_same, load_x, load_y
 
 import kerasfleet
+from conftest import load_x, load_y
 from kerasfleet._inputs import normalize_inputs
 
 BACKEND = "jax"

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import assert_same, load_x, load_y
 
 import kerasfleet
+from conftest import assert_same, load_x, load_y
 from kerasfleet._model_file import resolve_model
 
 
@@ -51,6 +51,7 @@ def test_signature_read_without_keras(folder):
 
 def test_in_memory_model_with_custom_layer_matches_predict():
     import keras
+
     from zoo_layers import ScaledDense
 
     inp = keras.Input((6,), name="x")
@@ -62,6 +63,7 @@ def test_in_memory_model_with_custom_layer_matches_predict():
 
 def test_h5_model_and_custom_objects(folder, tmp_path):
     import keras
+
     from zoo_layers import ScaledDense
 
     model = keras.saving.load_model(folder / "custom_layer.keras")

@@ -1,9 +1,9 @@
 """Outputs equal model.predict (rtol 1e-5, atol 1e-6) across the model zoo, on both backends."""
 
 import pytest
-from conftest import BACKENDS, assert_same, load_x, load_y
 
 import kerasfleet
+from conftest import BACKENDS, assert_same, load_x, load_y
 
 MODELS = ["mlp", "multi_input", "multi_output", "batchnorm_dropout", "embedding", "custom_layer"]
 

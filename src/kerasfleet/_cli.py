@@ -130,7 +130,7 @@ def info(model: str | None, workers: int | None, threads_per_worker: int | None,
                 if all(d is not None for s in sig.inputs for d in s.shape):
                     import numpy as np
 
-                    row_bytes = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in sig.inputs)
+                    row_bytes = sum(int(np.prod([d or 1 for d in s.shape])) * np.dtype(s.dtype).itemsize for s in sig.inputs)
                     facts["batch_size"] = default_batch_size(row_bytes, plan.device)
                 else:
                     facts["batch_size"] = "chosen per call from the input's row size"

@@ -96,7 +96,8 @@ class KerasEngine:
         if self.backend == "tensorflow":
             import tensorflow as tf
 
-            return tf.function(lambda x: model(x, training=False), jit_compile=False, reduce_retracing=False)
+            traced: Callable[[Any], Any] = tf.function(lambda x: model(x, training=False), jit_compile=False, reduce_retracing=False)
+            return traced
         if self.backend == "torch":
             import torch
 
@@ -150,11 +151,16 @@ class KerasEngine:
         for lo in range(start, stop, batch):
             hi = min(lo + batch, stop)
             n = hi - lo
+            arrays = []
             for buf, src in zip(staging, inputs):
-                # Always copied into the staging buffer: converts dtype, pads the last partial
-                # batch (the tail rows keep stale values, harmless as they are cut off), and no
-                # framework ever aliases shared memory that the caller unlinks later.
-                buf[:n] = src[lo:hi]
-            results = run(staging)
+                rows = src[lo:hi]
+                if n == batch and rows.dtype == buf.dtype and rows.flags.c_contiguous:
+                    arrays.append(rows)  # a full batch goes straight from shared memory
+                else:
+                    # Converts dtype, or pads the last partial batch (the tail rows keep stale
+                    # values, harmless as they are cut off below).
+                    buf[:n] = rows
+                    arrays.append(buf)
+            results = run(arrays)
             for dst, res in zip(outputs, results):
                 dst[lo:hi] = res[:n]

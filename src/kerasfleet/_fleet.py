@@ -211,7 +211,7 @@ class Fleet:
             bar = progress_bar(job.rows, progress)
             if bar is not None:
                 job.on_progress = bar.update
-            self._run_until(lambda: job.finished)  # type: ignore[union-attr]
+            self._run_until(lambda: job.finished)
             if job.error is not None:
                 raise job.error
             return job.result()
@@ -246,7 +246,7 @@ class Fleet:
                 if not inflight:
                     return
                 head = inflight[0]
-                self._run_until(lambda: head.finished)
+                self._run_until(lambda: head.finished)  # noqa: B023 - called before head changes
                 inflight.popleft()
                 try:
                     if head.error is not None:
@@ -356,7 +356,10 @@ class Fleet:
             for w in self._workers:
                 waitables[w.conn] = w
                 waitables[w.process.sentinel] = w
-            for obj in wait(list(waitables), timeout=_TICK_S):
+            # With input rows still to copy into shared memory, copy a chunk and only peek at
+            # the workers; otherwise sleep until one of them speaks or dies.
+            copied = any(job.copy_ahead() for job in self._jobs.values())
+            for obj in wait(list(waitables), timeout=0 if copied else _TICK_S):
                 w = waitables[obj]
                 if not w.dead:
                     self._drain(w)
@@ -378,6 +381,7 @@ class Fleet:
                 if job_id not in w.jobs_seen:
                     w.jobs_seen.add(job_id)
                     self._send(w, ("job", job_id, job.spec))
+                job.ready_to_send(chunk)
                 lo, hi = job.chunks[chunk]
                 w.outstanding.append((job_id, chunk))
                 self._send(w, ("chunk", job_id, chunk, lo, hi))
@@ -425,9 +429,9 @@ class Fleet:
                 hint = " Pass the class in custom_objects={'Name': Class}, defined in an importable module."
             elif "safe_mode" in message or "Lambda" in message:
                 hint = " The model runs code from a Lambda layer; pass safe_mode=False only if you trust the file."
-            error = ModelLoadError(f"The workers could not load the model {str(self._model.path)!r}: {exc_type}: {message}{hint}")
-            error.__cause__ = RemoteTraceback(tb)
-            self._broken = error
+            fatal = ModelLoadError(f"The workers could not load the model {str(self._model.path)!r}: {exc_type}: {message}{hint}")
+            fatal.__cause__ = RemoteTraceback(tb)
+            self._broken = fatal
         else:
             raise ValueError(f"unknown message tag {tag!r}")
 

@@ -26,7 +26,6 @@ from ._worker import JobSpec
 # yet large enough that the two pipe messages it costs are noise.
 MAX_BATCHES_PER_CHUNK = 8
 CHUNKS_PER_WORKER = 4
-_COPY_ROWS = 1 << 16
 
 
 def default_batch_size(row_bytes: int, device: str = "cpu") -> int:
@@ -67,11 +66,17 @@ class Job:
         self._out_arrays: list[np.ndarray[Any, Any]] = []
         self._out_paths: list[str] | None = None
         self.spec: JobSpec | None = None
-        self._input_specs = tuple(self._input(s) for s in sources)
         batch = key[0]
         per_chunk = batch * max(1, min(MAX_BATCHES_PER_CHUNK, -(-self.rows // (batch * workers * CHUNKS_PER_WORKER))))
         self.chunks = [(lo, min(lo + per_chunk, self.rows)) for lo in range(0, self.rows, per_chunk)]
         self.remaining = set(range(len(self.chunks)))
+        # In-memory inputs are copied into shared memory a chunk at a time, ahead of dispatch,
+        # so warm workers start on the first chunk while the caller copies the next ones.
+        self._copies: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
+        self._copied = 0  # chunks whose rows are in shared memory
+        self._input_specs = tuple(self._input(s) for s in sources)
+        if not self._copies:
+            self._copied = len(self.chunks)
 
     def _input(self, source: Source) -> BufferSpec:
         if source.file is not None:
@@ -81,11 +86,25 @@ class Job:
             _stream_npz_member(source.npz_member, array)
         else:
             assert source.array is not None
-            for lo in range(0, source.rows, _COPY_ROWS):
-                # In slices, so converting a large float64 input never holds a second full copy.
-                np.copyto(array[lo : lo + _COPY_ROWS], source.array[lo : lo + _COPY_ROWS], casting="unsafe")
-        del array
+            self._copies.append((array, source.array))
         return spec
+
+    def copy_ahead(self) -> bool:
+        """Copy the next chunk's input rows into shared memory; False when all are there."""
+        if self._copied >= len(self.chunks):
+            return False
+        lo, hi = self.chunks[self._copied]
+        for dst, src in self._copies:
+            # Slice by slice, so converting a large float64 input never holds a second full copy.
+            np.copyto(dst[lo:hi], src[lo:hi], casting="unsafe")
+        self._copied += 1
+        if self._copied == len(self.chunks):
+            self._copies = []  # drop the references to the caller's arrays and our views
+        return True
+
+    def ready_to_send(self, chunk: int) -> None:
+        while self._copied <= chunk:
+            self.copy_ahead()
 
     def attach_outputs(self, outputs: Outputs, out: Any) -> None:
         self.outputs = outputs
@@ -136,6 +155,7 @@ class Job:
 
     def release(self) -> None:
         self._out_arrays = []
+        self._copies = []
         self.buffers.release()
 
 
@@ -167,7 +187,7 @@ def _stream_npz_member(member: tuple[str, str], array: np.ndarray[Any, Any]) -> 
             np.lib.format.read_array_header_2_0(f)
         pos = 0
         while pos < flat.size:
-            n = f.readinto(memoryview(flat[pos : pos + (16 << 20)]))  # type: ignore[attr-defined]
+            n = f.readinto(flat[pos : pos + (16 << 20)].data)  # type: ignore[attr-defined]
             if not n:
                 raise InputError(f"Expected {flat.size} bytes in {member[0]}[{member[1]}]. Received: {pos} (truncated).")
             pos += n

@@ -74,7 +74,7 @@ def visible_gpus() -> tuple[str, ...]:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
-    return tuple(str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU ")))
+    return tuple(str(i) for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU ")))
 
 
 def available_memory() -> int | None:

@@ -142,9 +142,9 @@ def serve(conn: Any, init: WorkerInit) -> None:
                 _, job_id, spec = msg
                 jobs[job_id] = _Job(spec, [OpenBuffer(b) for b in spec.inputs], [OpenBuffer(b) for b in spec.outputs])
             elif tag == "drop":
-                job = jobs.pop(msg[1], None)
-                if job is not None:
-                    job.close()
+                dropped = jobs.pop(msg[1], None)
+                if dropped is not None:
+                    dropped.close()
             elif tag == "probe":
                 key = msg[1]
                 try:

@@ -1,0 +1,182 @@
+"""Bulk prediction throughput: kerasfleet against what Keras users do today, in one run.
+
+    KERAS_BACKEND=jax python bench/bulk.py [--quick] [--models mlp,cnn,mobilenet]
+
+For each model (MLP 32-256-256-10, a small CNN on 32x32x3, MobileNetV2 96x96x3 weights=None)
+it times, on the same input in the same process run:
+
+- `model.predict` at the default batch size (32) and at the best of 256/1024/4096;
+- the blog recipe: `multiprocessing.Pool(spawn).starmap(predict_chunk, [(model, chunk), ...])`,
+  the model passed as a task argument (pickled per task), pool start included;
+- joblib (loky) with the model loaded once per worker and cached, pool start included;
+- `kerasfleet.predict(path, x)` one-shot (every process it starts included) and a warm
+  `Fleet.predict` (second call on a started fleet).
+
+Ratios are against the best `model.predict` of the same run; absolute rows/s drift on a
+shared machine. It also measures time to first prediction: a fresh process that imports
+keras, loads the model and predicts 100 rows, against a fresh process that imports kerasfleet
+and calls kerasfleet.predict on the same 100 rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+WORKERS = len(os.sched_getaffinity(0))
+
+
+def build(name):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    if name == "mlp":
+        model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10)])
+    elif name == "cnn":
+        model = keras.Sequential(
+            [
+                keras.Input((32, 32, 3)),
+                keras.layers.Conv2D(32, 3, activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Conv2D(64, 3, activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Flatten(),
+                keras.layers.Dense(128, activation="relu"),
+                keras.layers.Dense(10),
+            ]
+        )
+    else:
+        model = keras.applications.MobileNetV2(input_shape=(96, 96, 3), weights=None)
+    return model
+
+
+def timed(fn, rows):
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    return out, rows / seconds
+
+
+# -- peers ------------------------------------------------------------------------------------
+def predict_chunk(model, chunk):
+    """The blog recipe's task: the model arrives pickled with every task."""
+    return model.predict(chunk, verbose=0)
+
+
+def blog_recipe(model, x):
+    chunks = np.array_split(x, WORKERS)
+    with mp.get_context("spawn").Pool(WORKERS) as pool:  # fork hangs with TF/JAX started
+        return np.concatenate(pool.starmap(predict_chunk, [(model, c) for c in chunks]))
+
+
+_cached = {}
+
+
+def joblib_task(path, chunk):
+    import keras
+
+    if path not in _cached:
+        _cached[path] = keras.saving.load_model(path)
+    return _cached[path].predict(chunk, verbose=0, batch_size=1024)
+
+
+def joblib_run(path, x):
+    from joblib import Parallel, delayed
+
+    chunks = np.array_split(x, WORKERS * 4)
+    return np.concatenate(Parallel(n_jobs=WORKERS)(delayed(joblib_task)(path, c) for c in chunks))
+
+
+# -- time to first prediction ---------------------------------------------------------------
+def first_prediction(path, x_path):
+    single = (
+        "import keras, numpy as np; m = keras.saving.load_model(%r); m.predict(np.load(%r), verbose=0)" % (str(path), str(x_path))
+    )
+    fleet = "import kerasfleet; kerasfleet.predict(%r, %r, progress=False)" % (str(path), str(x_path))
+    times = {}
+    for label, code in (("single process", single), ("kerasfleet", fleet)):
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+            runs.append(time.perf_counter() - start)
+        times[label] = min(runs)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer rows (a smoke run, not a measurement)")
+    parser.add_argument("--models", default="mlp,cnn,mobilenet")
+    args = parser.parse_args()
+    import keras
+
+    import kerasfleet
+
+    scale = 0.1 if args.quick else 1.0
+    rows = {"mlp": int(200_000 * scale), "cnn": int(30_000 * scale), "mobilenet": int(1_500 * scale)}
+    print(f"# machine: {platform.processor() or platform.machine()}, {WORKERS} usable cores, python {platform.python_version()}")
+    print(f"# keras {keras.__version__}, backend {keras.backend.backend()}, numpy {np.__version__}, kerasfleet {kerasfleet.__version__}")
+    tmp = Path(tempfile.mkdtemp(prefix="kf-bench-"))
+    for name in args.models.split(","):
+        model = build(name)
+        path = tmp / f"{name}.keras"
+        model.save(path)
+        n = rows[name]
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(n, *model.input_shape[1:])).astype("float32")
+        model.predict(x[:64], verbose=0)
+        results = {}
+        reference = model.predict(x, verbose=0, batch_size=1024)
+        _, results["model.predict, batch 32"] = timed(lambda: model.predict(x, verbose=0), n)
+        best = 0.0
+        for b in (256, 1024, 4096):
+            model.predict(x[:b], verbose=0, batch_size=b)  # trace that shape first
+            _, rate = timed(lambda b=b: model.predict(x, verbose=0, batch_size=b), n)
+            if rate > best:
+                best, best_b = rate, b
+        results[f"model.predict, best batch ({best_b})"] = best
+        out, results["blog recipe: Pool(spawn).starmap((model, chunk))"] = timed(lambda: blog_recipe(model, x), n)
+        assert np.allclose(out, reference, rtol=1e-4, atol=1e-5)
+        out, results["joblib, model cached per worker"] = timed(lambda: joblib_run(str(path), x), n)
+        assert np.allclose(out, reference, rtol=1e-4, atol=1e-5)
+        out, results["kerasfleet.predict one-shot (start included)"] = timed(lambda: kerasfleet.predict(path, x, progress=False), n)
+        diff = float(np.abs(out - reference).max())
+        with kerasfleet.Fleet(path) as fleet:
+            fleet.predict(x[: max(1, n // 10)], progress=False)
+            warm = []
+            for _ in range(2):
+                out, rate = timed(lambda: fleet.predict(x, progress=False), n)
+                warm.append(rate)
+            results[f"kerasfleet Fleet.predict warm ({fleet.plan.describe()})"] = max(warm)
+        diff = max(diff, float(np.abs(out - reference).max()))
+        print(f"\n## {name}: {n:,} rows, {model.count_params():,} params (max abs diff vs model.predict: {diff:.2e})")
+        print("| path | rows/s | vs best model.predict |")
+        print("| --- | ---: | ---: |")
+        for label, rate in results.items():
+            print(f"| {label} | {rate:,.0f} | {rate / best:.2f}x |")
+        sys.stdout.flush()
+        if name == "mlp":
+            x_path = tmp / "x100.npy"
+            np.save(x_path, x[:100])
+            t = first_prediction(path, x_path)
+            print(
+                f"\ntime to first prediction (fresh process, 100 rows, best of 3): single process {t['single process']:.2f} s, "
+                f"kerasfleet {t['kerasfleet']:.2f} s, ratio {t['kerasfleet'] / t['single process']:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
