@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
+BACKEND ?= tensorflow
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -13,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	KERAS_BACKEND=jax $(PY) examples/demo.py
+	KERAS_BACKEND=$(BACKEND) $(PY) examples/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -26,7 +27,7 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 bench: $(STAMP)
-	KERAS_BACKEND=jax $(PY) bench/bulk.py
+	KERAS_BACKEND=$(BACKEND) $(PY) bench/bulk.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

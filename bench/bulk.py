@@ -101,10 +101,9 @@ def joblib_run(path, x):
 
 # -- time to first prediction ---------------------------------------------------------------
 def first_prediction(path, x_path):
-    single = (
-        "import keras, numpy as np; m = keras.saving.load_model(%r); m.predict(np.load(%r), verbose=0)" % (str(path), str(x_path))
-    )
-    fleet = "import kerasfleet; kerasfleet.predict(%r, %r, progress=False)" % (str(path), str(x_path))
+    """Best of 3 fresh processes: import + load + predict 100 rows, Keras alone vs kerasfleet."""
+    single = f"import keras, numpy as np; m = keras.saving.load_model({str(path)!r}); m.predict(np.load({str(x_path)!r}), verbose=0)"
+    fleet = f"import kerasfleet; kerasfleet.predict({str(path)!r}, {str(x_path)!r}, progress=False)"
     times = {}
     for label, code in (("single process", single), ("kerasfleet", fleet)):
         runs = []
@@ -114,6 +113,53 @@ def first_prediction(path, x_path):
             runs.append(time.perf_counter() - start)
         times[label] = min(runs)
     return times
+
+
+def bench_model(name, n, tmp):
+    import kerasfleet
+
+    model = build(name)
+    path = tmp / f"{name}.keras"
+    model.save(path)
+    x = np.random.default_rng(0).normal(size=(n, *model.input_shape[1:])).astype("float32")
+    model.predict(x[:64], verbose=0)  # the first call traces; not counted against Keras
+    reference = model.predict(x, verbose=0, batch_size=1024)
+    results = {}
+    _, results["model.predict, batch 32 (default)"] = timed(lambda: model.predict(x, verbose=0), n)
+    best, best_b = results["model.predict, batch 32 (default)"], 32
+    for b in (256, 1024, 4096):
+        model.predict(x[:b], verbose=0, batch_size=b)  # trace that shape first
+        _, rate = timed(lambda b=b: model.predict(x, verbose=0, batch_size=b), n)
+        if rate > best:
+            best, best_b = rate, b
+    results[f"model.predict, best batch size ({best_b})"] = best
+    out, results["blog recipe: Pool(spawn).starmap((model, chunk))"] = timed(lambda: blog_recipe(model, x), n)
+    assert np.allclose(out, reference, rtol=1e-4, atol=1e-5)
+    out, results["joblib (loky), model cached per worker"] = timed(lambda: joblib_run(str(path), x), n)
+    assert np.allclose(out, reference, rtol=1e-4, atol=1e-5)
+    out, results["kerasfleet.predict, one-shot (start-up included)"] = timed(lambda: kerasfleet.predict(path, x, progress=False), n)
+    diff = float(np.abs(out - reference).max())
+    with kerasfleet.Fleet(path) as fleet:
+        fleet.predict(x[: max(1, n // 10)], progress=False)
+        warm = [timed(lambda: fleet.predict(x, progress=False), n) for _ in range(3)]
+        plan = fleet.plan.describe()
+    diff = max(diff, max(float(np.abs(out - reference).max()) for out, _ in warm))
+    results[f"kerasfleet Fleet.predict, warm ({plan})"] = max(rate for _, rate in warm)
+    print(f"\n## {name}: {n:,} rows, {model.count_params():,} params (max abs diff vs model.predict: {diff:.1e})")
+    print("| path | rows/s | vs best model.predict |")
+    print("| --- | ---: | ---: |")
+    for label, rate in results.items():
+        print(f"| {label} | {rate:,.0f} | {rate / best:.2f}x |")
+    sys.stdout.flush()
+    if name == "mlp":
+        x_path = tmp / "x100.npy"
+        np.save(x_path, x[:100])
+        t = first_prediction(path, x_path)
+        print(
+            f"\ntime to first prediction (fresh process, 100 rows, best of 3): import+load+predict "
+            f"{t['single process']:.2f} s, kerasfleet.predict {t['kerasfleet']:.2f} s, "
+            f"ratio {t['kerasfleet'] / t['single process']:.2f}"
+        )
 
 
 def main():
@@ -126,56 +172,12 @@ def main():
     import kerasfleet
 
     scale = 0.1 if args.quick else 1.0
-    rows = {"mlp": int(200_000 * scale), "cnn": int(30_000 * scale), "mobilenet": int(1_500 * scale)}
-    print(f"# machine: {platform.processor() or platform.machine()}, {WORKERS} usable cores, python {platform.python_version()}")
-    print(f"# keras {keras.__version__}, backend {keras.backend.backend()}, numpy {np.__version__}, kerasfleet {kerasfleet.__version__}")
+    rows = {"mlp": int(300_000 * scale), "cnn": int(40_000 * scale), "mobilenet": int(2_000 * scale)}
+    print(f"# {platform.machine()}, {WORKERS} usable cores, python {platform.python_version()}, numpy {np.__version__}")
+    print(f"# keras {keras.__version__}, backend {keras.backend.backend()}, kerasfleet {kerasfleet.__version__}")
     tmp = Path(tempfile.mkdtemp(prefix="kf-bench-"))
     for name in args.models.split(","):
-        model = build(name)
-        path = tmp / f"{name}.keras"
-        model.save(path)
-        n = rows[name]
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(n, *model.input_shape[1:])).astype("float32")
-        model.predict(x[:64], verbose=0)
-        results = {}
-        reference = model.predict(x, verbose=0, batch_size=1024)
-        _, results["model.predict, batch 32"] = timed(lambda: model.predict(x, verbose=0), n)
-        best = 0.0
-        for b in (256, 1024, 4096):
-            model.predict(x[:b], verbose=0, batch_size=b)  # trace that shape first
-            _, rate = timed(lambda b=b: model.predict(x, verbose=0, batch_size=b), n)
-            if rate > best:
-                best, best_b = rate, b
-        results[f"model.predict, best batch ({best_b})"] = best
-        out, results["blog recipe: Pool(spawn).starmap((model, chunk))"] = timed(lambda: blog_recipe(model, x), n)
-        assert np.allclose(out, reference, rtol=1e-4, atol=1e-5)
-        out, results["joblib, model cached per worker"] = timed(lambda: joblib_run(str(path), x), n)
-        assert np.allclose(out, reference, rtol=1e-4, atol=1e-5)
-        out, results["kerasfleet.predict one-shot (start included)"] = timed(lambda: kerasfleet.predict(path, x, progress=False), n)
-        diff = float(np.abs(out - reference).max())
-        with kerasfleet.Fleet(path) as fleet:
-            fleet.predict(x[: max(1, n // 10)], progress=False)
-            warm = []
-            for _ in range(2):
-                out, rate = timed(lambda: fleet.predict(x, progress=False), n)
-                warm.append(rate)
-            results[f"kerasfleet Fleet.predict warm ({fleet.plan.describe()})"] = max(warm)
-        diff = max(diff, float(np.abs(out - reference).max()))
-        print(f"\n## {name}: {n:,} rows, {model.count_params():,} params (max abs diff vs model.predict: {diff:.2e})")
-        print("| path | rows/s | vs best model.predict |")
-        print("| --- | ---: | ---: |")
-        for label, rate in results.items():
-            print(f"| {label} | {rate:,.0f} | {rate / best:.2f}x |")
-        sys.stdout.flush()
-        if name == "mlp":
-            x_path = tmp / "x100.npy"
-            np.save(x_path, x[:100])
-            t = first_prediction(path, x_path)
-            print(
-                f"\ntime to first prediction (fresh process, 100 rows, best of 3): single process {t['single process']:.2f} s, "
-                f"kerasfleet {t['kerasfleet']:.2f} s, ratio {t['kerasfleet'] / t['single process']:.2f}"
-            )
+        bench_model(name, rows[name], tmp)
 
 
 if __name__ == "__main__":

@@ -60,30 +60,59 @@ class OpenBuffer:
 
 
 class SharedBuffers:
-    """Creates shared-memory arrays and owns them until `release()` unlinks them all."""
+    """Creates shared-memory arrays; the one owner of their segments until `release()`.
 
-    def __init__(self) -> None:
+    A warm fleet predicts many times: segments of finished calls are kept (at most `keep`) and
+    reused by later calls of a similar size, which spares creating, faulting in and zeroing
+    fresh pages on every call. Only segments no worker can still write to come back here.
+    """
+
+    def __init__(self, keep: int = 0) -> None:
         self._segments: list[shared_memory.SharedMemory] = []
+        self._free: list[shared_memory.SharedMemory] = []
+        self._keep = keep
 
-    def create(self, shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray[Any, Any], BufferSpec]:
+    def create(self, shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray[Any, Any], BufferSpec, shared_memory.SharedMemory]:
         dtype = np.dtype(dtype)
         nbytes = max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, 1)
-        name = f"{SHM_PREFIX}_{os.getpid()}_{next(_counter)}"
-        shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
+        shm = next((s for s in self._free if nbytes <= s.size <= 2 * nbytes + 4096), None)
+        if shm is not None:
+            self._free.remove(shm)
+        else:
+            name = f"{SHM_PREFIX}_{os.getpid()}_{next(_counter)}"
+            shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
         self._segments.append(shm)
         array: np.ndarray[Any, Any] = np.ndarray(shape, dtype=dtype, buffer=shm.buf)
-        return array, BufferSpec("shm", name, 0, dtype.str, tuple(shape), writable=True)
+        return array, BufferSpec("shm", shm.name, 0, dtype.str, tuple(shape), writable=True), shm
+
+    def recycle(self, segments: list[shared_memory.SharedMemory]) -> None:
+        """Keep finished segments for reuse (the newest `keep`); unlink the rest."""
+        for shm in segments:
+            self._segments.remove(shm)
+            self._free.append(shm)
+        while len(self._free) > self._keep:
+            _unlink(self._free.pop(0))
+
+    def discard(self, segments: list[shared_memory.SharedMemory]) -> None:
+        """Unlink segments a worker might still write to (a failed or cancelled call)."""
+        for shm in segments:
+            self._segments.remove(shm)
+            _unlink(shm)
 
     def release(self) -> None:
         """Unlink every segment. Arrays handed out must not be used afterwards."""
-        segments, self._segments = self._segments, []
+        segments, self._segments, self._free = self._segments + self._free, [], []
         for shm in segments:
-            try:
-                shm.unlink()
-            except FileNotFoundError:
-                pass
-            try:
-                shm.close()
-            except BufferError:
-                # Views are still alive; the unlinked memory is freed once they are collected.
-                pass
+            _unlink(shm)
+
+
+def _unlink(shm: shared_memory.SharedMemory) -> None:
+    try:
+        shm.unlink()
+    except FileNotFoundError:
+        pass
+    try:
+        shm.close()
+    except BufferError:
+        # Views are still alive; the unlinked memory is freed once they are collected.
+        pass

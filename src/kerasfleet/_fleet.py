@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ._bootstrap import worker_entry
+from ._buffers import SharedBuffers
 from ._engine import Key, Outputs
 from ._errors import FleetClosedError, FleetError, InputError, ModelLoadError, RemoteTraceback, WorkerCrashedError, WorkerError
 from ._inputs import Source, normalize_inputs
@@ -150,6 +151,8 @@ class Fleet:
         self._ctx = mp.get_context("spawn")  # never fork: TF and JAX are not fork-safe
         self._workers: list[_Worker] = []
         self._jobs: dict[int, Job] = {}
+        # Segments of finished calls are kept for the next ones: two per call in flight.
+        self._buffers = SharedBuffers(keep=4 * self.plan.workers + 4)
         self._queue: deque[tuple[int, int]] = deque()
         self._outputs: dict[Key, Outputs] = {}
         self._probed: dict[Key, tuple[Outputs | None, str | None]] = {}
@@ -176,7 +179,7 @@ class Fleet:
                 warm_key=warm_key,
             )
         )
-        self._finalizer = weakref.finalize(self, _terminate_all, self._workers, self._jobs, self._model)
+        self._finalizer = weakref.finalize(self, _terminate_all, self._workers, self._jobs, self._buffers, self._model)
         if _start:
             self._start()
 
@@ -310,8 +313,8 @@ class Fleet:
 
     def _submit(self, sources: list[Source], batch_size: int | None, out: Any) -> Job:
         key = job_key(sources, batch_size or self.batch_size or self._default_batch(sources))
-        job = Job(self._next_job, key, sources, self.plan.workers)  # copies in-memory inputs now,
-        self._next_job += 1  # while the workers are still starting up
+        job = Job(self._next_job, key, sources, self.plan.workers, self._buffers)
+        self._next_job += 1
         self._jobs[job.id] = job
         try:
             job.attach_outputs(self._output_spec(key), out)
@@ -533,7 +536,7 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
                     os.environ[key] = value
 
 
-def _terminate_all(workers: list[_Worker], jobs: dict[int, Job], model: ModelFile) -> None:
+def _terminate_all(workers: list[_Worker], jobs: dict[int, Job], buffers: SharedBuffers, model: ModelFile) -> None:
     """Last-resort cleanup, also run by `close()`: no process, segment or temp file survives."""
     for w in workers:
         if w.process.is_alive():
@@ -551,6 +554,7 @@ def _terminate_all(workers: list[_Worker], jobs: dict[int, Job], model: ModelFil
     for job in list(jobs.values()):
         job.release()
     jobs.clear()
+    buffers.release()
     model.cleanup()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,12 @@ def check_out(out: Any) -> None:
 
 
 class Job:
-    def __init__(self, job_id: int, key: Key, sources: Sequence[Source], workers: int) -> None:
+    def __init__(self, job_id: int, key: Key, sources: Sequence[Source], workers: int, buffers: SharedBuffers) -> None:
         self.id = job_id
         self.key = key
         self.rows = sources[0].rows
-        self.buffers = SharedBuffers()
+        self.buffers = buffers
+        self._segments: list[shared_memory.SharedMemory] = []
         self.error: BaseException | None = None
         self.failures: Counter[int] = Counter()
         self.on_progress: Callable[[int], None] | None = None
@@ -81,13 +83,18 @@ class Job:
     def _input(self, source: Source) -> BufferSpec:
         if source.file is not None:
             return source.file  # the workers map the caller's file; nothing is copied
-        array, spec = self.buffers.create(source.shape, source.dtype)
+        array, spec = self._create(source.shape, source.dtype)
         if source.npz_member is not None:
             _stream_npz_member(source.npz_member, array)
         else:
             assert source.array is not None
             self._copies.append((array, source.array))
         return spec
+
+    def _create(self, shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray[Any, Any], BufferSpec]:
+        array, spec, segment = self.buffers.create(shape, dtype)
+        self._segments.append(segment)
+        return array, spec
 
     def copy_ahead(self) -> bool:
         """Copy the next chunk's input rows into shared memory; False when all are there."""
@@ -111,7 +118,7 @@ class Job:
         specs: list[BufferSpec] = []
         if out is None:
             for o in outputs.specs:
-                array, spec = self.buffers.create((self.rows, *o.shape), o.dtype)
+                array, spec = self._create((self.rows, *o.shape), o.dtype)
                 self._out_arrays.append(array)
                 specs.append(spec)
         else:
@@ -154,9 +161,14 @@ class Job:
         return arrays[0]
 
     def release(self) -> None:
+        """Give the shared memory back: reused if every chunk is done, else unlinked."""
         self._out_arrays = []
         self._copies = []
-        self.buffers.release()
+        segments, self._segments = self._segments, []
+        if self.remaining:
+            self.buffers.discard(segments)  # a worker may still be writing into them
+        else:
+            self.buffers.recycle(segments)
 
 
 def _out_paths(out: Any, outputs: Outputs) -> list[str]:
