@@ -10,10 +10,13 @@ only then imports the worker proper and unpickles its arguments.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -48,3 +51,27 @@ def worker_entry(conn: Any, env: dict[str, str], cpus: tuple[int, ...], init: by
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+_ENV_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def spawn_environment(env: dict[str, str]) -> Iterator[None]:
+    """Put `env` in this process's environment while a worker is spawned.
+
+    A spawned worker inherits the environment at exec, so the thread budget is in place even
+    for the caller's main script, which the worker re-imports before any kerasfleet code runs
+    (and which may import a framework). The bootstrap sets it again, for safety.
+    """
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

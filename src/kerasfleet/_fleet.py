@@ -17,14 +17,12 @@ thread inside the public calls; there is no background thread to race with.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing as mp
 import os
 import pickle
 import signal
 import sys
-import threading
 import time
 import weakref
 from collections import deque
@@ -33,17 +31,20 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from ._bootstrap import worker_entry
+from ._bootstrap import spawn_environment, worker_entry
 from ._buffers import SharedBuffers
 from ._engine import Key, Outputs
 from ._errors import FleetClosedError, FleetError, InputError, ModelLoadError, RemoteTraceback, WorkerCrashedError, WorkerError
 from ._inputs import Source, normalize_inputs
 from ._jobs import Job, check_out, default_batch_size, job_key
 from ._model_file import ModelFile, resolve_model
+from ._onnx import OnnxModel
+from ._onnx import export as export_onnx
 from ._plan import Plan, WorkerSlot, make_plan, worker_environment
 from ._progress import progress_bar
 from ._worker import WorkerInfo, WorkerInit
 
+ENGINES = ("keras", "onnx")
 # Chunks a worker holds at once: one it computes, one waiting, so it never idles on a round trip.
 PREFETCH = 2
 # How often the loop wakes without news, to check start-up deadlines.
@@ -118,6 +119,7 @@ class Fleet:
     | `safe_mode` | Keras safe mode when loading (no arbitrary code from lambdas); on by default |
     | `max_retries` | how often the same rows may crash a worker before the call fails |
     | `start_timeout` | seconds to wait for the first worker to be ready |
+    | `engine` | `"keras"` (compiled Keras) or `"onnx"` (exported once, parity-checked, cached; needs the `onnx` extra) |
 
     Workers start at construction, in the background; the first call waits for them. A fleet is
     used from one thread at a time.
@@ -136,14 +138,21 @@ class Fleet:
         safe_mode: bool = True,
         max_retries: int = 3,
         start_timeout: float = 600.0,
+        engine: str = "keras",
         _start: bool = True,
     ) -> None:
         _check_batch_size(batch_size)
+        if engine not in ENGINES:
+            raise InputError(f"Expected engine to be one of {list(ENGINES)}. Received: engine={engine!r}.")
         if backend is not None and backend not in ("jax", "tensorflow", "torch", "numpy"):
             raise InputError(f"Expected backend to be 'jax', 'tensorflow', 'torch' or None. Received: backend={backend!r}.")
         self.plan: Plan = make_plan(workers, threads_per_worker, devices=devices)
         self._model: ModelFile = resolve_model(model, custom_objects)
         self.signature = self._model.signature
+        self.engine = engine
+        self.onnx: OnnxModel | None = None
+        self._custom_objects = custom_objects
+        self._safe_mode = safe_mode
         self.backend = backend or default_backend()
         self.batch_size = batch_size
         self.max_retries = max_retries
@@ -163,29 +172,38 @@ class Fleet:
         self._started_at = time.monotonic()
         self.restarts = 0
         self._start_failures = 0
-        specs = self.signature.inputs
-        warm_key: Key | None = None
-        if specs is not None and all(d is not None for s in specs for d in s.shape):
-            rows = [Source(s.name, _np_dtype(s.dtype), None, shape=(1, *[int(d) for d in s.shape if d is not None])) for s in specs]
-            warm_key = job_key(rows, batch_size or self._default_batch(rows))
-        self._init = pickle.dumps(
-            WorkerInit(
-                model_path=str(self._model.path),
-                input_structure=self.signature.structure,
-                input_names=tuple(s.name for s in specs) if specs is not None else None,
-                custom_objects=custom_objects,
-                modules=self.signature.custom_modules,
-                safe_mode=safe_mode,
-                warm_key=warm_key,
-            )
-        )
         self._finalizer = weakref.finalize(self, _terminate_all, self._workers, self._jobs, self._buffers, self._model)
         if _start:
             self._start()
 
     def _start(self) -> None:
-        self._started_at = time.monotonic()
         try:
+            if self.engine == "onnx":
+                self.onnx = export_onnx(self._model, custom_objects=self._custom_objects, safe_mode=self._safe_mode)
+            specs = self.signature.inputs
+            warm_key: Key | None = None
+            if specs is not None and all(d is not None for s in specs for d in s.shape):
+                rows = [
+                    Source(s.name, _np_dtype(s.dtype), None, shape=(1, *[int(d) for d in s.shape if d is not None]))
+                    for s in specs
+                ]
+                warm_key = job_key(rows, self.batch_size or self._default_batch(rows))
+            self._init = pickle.dumps(
+                WorkerInit(
+                    model_path=str(self._model.path),
+                    input_structure=self.signature.structure,
+                    input_names=tuple(s.name for s in specs) if specs is not None else None,
+                    custom_objects=self._custom_objects,
+                    modules=self.signature.custom_modules,
+                    safe_mode=self._safe_mode,
+                    warm_key=warm_key,
+                    engine=self.engine,
+                    onnx_path=str(self.onnx.path) if self.onnx is not None else None,
+                    onnx_meta=self.onnx.meta if self.onnx is not None else None,
+                    threads=self.plan.threads_per_worker,
+                )
+            )
+            self._started_at = time.monotonic()
             for slot in self.plan.slots:
                 self._spawn(slot)
         except BaseException:
@@ -280,7 +298,9 @@ class Fleet:
     def stats(self) -> dict[str, Any]:
         """Workers (pid, ready), restarts so far, and the plan."""
         return {
-            "workers": [{"pid": w.process.pid, "ready": w.ready, "cpus": list(w.slot.cpus), "gpu": w.slot.gpu} for w in self._workers],
+            "workers": [
+                {"pid": w.process.pid, "ready": w.ready, "cpus": list(w.slot.cpus), "gpu": w.slot.gpu} for w in self._workers
+            ],
             "restarts": self.restarts,
             "plan": self.plan.describe(),
             "backend": self.backend,
@@ -304,7 +324,7 @@ class Fleet:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<Fleet {state}: {self.plan.describe()}, backend {self.backend}, model {self._model.path.name}>"
+        return f"<Fleet {state}: {self.plan.describe()}, engine {self.engine}, backend {self.backend}, model {self._model.path.name}>"
 
     # -- jobs --------------------------------------------------------------------------------
     def _default_batch(self, sources: list[Source]) -> int:
@@ -333,7 +353,9 @@ class Fleet:
             self._run_until(lambda: key in self._probed)
             outputs, error = self._probed.pop(key)
             if outputs is None:
-                raise WorkerError(f"The model failed on inputs of this shape ({_describe_key(key)}).") from RemoteTraceback(str(error))
+                raise WorkerError(f"The model failed on inputs of this shape ({_describe_key(key)}).") from RemoteTraceback(
+                    str(error)
+                )
             self._outputs[key] = outputs
         return self._outputs[key]
 
@@ -416,7 +438,9 @@ class Fleet:
             job = self._jobs.get(job_id)
             if job is not None:
                 lo, hi = job.chunks[chunk]
-                error = WorkerError(f"A worker (pid {w.process.pid}) raised {exc_type} while predicting rows {lo}:{hi}: {message}")
+                error = WorkerError(
+                    f"A worker (pid {w.process.pid}) raised {exc_type} while predicting rows {lo}:{hi}: {message}"
+                )
                 error.__cause__ = RemoteTraceback(tb)
                 job.fail(error)
         elif tag == "ready":
@@ -486,7 +510,7 @@ class Fleet:
         process = self._ctx.Process(
             target=worker_entry, args=(child, env, slot.cpus, self._init), name=f"kerasfleet-worker-{slot.index}", daemon=True
         )
-        with _environment(env):
+        with spawn_environment(env):
             process.start()
         child.close()
         self._workers.append(_Worker(slot, process, parent))
@@ -509,31 +533,9 @@ class Fleet:
         if self._broken is not None:
             raise FleetClosedError("Cannot predict, as the fleet is broken.") from self._broken
         if self._busy:
-            raise RuntimeError("A fleet serves one call at a time; this one is already busy (another thread, or an unfinished imap).")
-
-
-_ENV_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _environment(env: dict[str, str]) -> Iterator[None]:
-    """Put `env` in this process's environment while a worker is spawned.
-
-    A spawned worker inherits the environment at exec, so the thread budget is in place even
-    for the caller's main script, which the worker re-imports before any kerasfleet code runs
-    (and which may import a framework). The bootstrap sets it again, for safety.
-    """
-    with _ENV_LOCK:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            raise RuntimeError(
+                "A fleet serves one call at a time; this one is already busy (another thread, or an unfinished imap)."
+            )
 
 
 def _terminate_all(workers: list[_Worker], jobs: dict[int, Job], buffers: SharedBuffers, model: ModelFile) -> None:

@@ -22,6 +22,7 @@ def predict(
     devices: Any = "auto",
     backend: str | None = None,
     safe_mode: bool = True,
+    engine: str = "keras",
 ) -> Any:
     """Predict `x` with `model` on every core (or GPU); returns what `model.predict(x)` returns.
 
@@ -41,6 +42,7 @@ def predict(
         backend=backend,
         custom_objects=custom_objects,
         safe_mode=safe_mode,
+        engine=engine,
         _start=False,
     )
     try:

@@ -37,6 +37,10 @@ class WorkerInit:
     modules: tuple[str, ...]
     safe_mode: bool
     warm_key: Key | None
+    engine: str = "keras"  # or "onnx"
+    onnx_path: str | None = None
+    onnx_meta: dict[str, Any] | None = None
+    threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -104,16 +108,22 @@ class _Fault:
 def serve(conn: Any, init: WorkerInit) -> None:
     started = time.perf_counter()
     try:
-        from ._engine import KerasEngine
+        from ._engine import KerasEngine, OnnxEngine
 
-        engine = KerasEngine(
-            init.model_path,
-            input_structure=init.input_structure,
-            input_names=init.input_names,
-            custom_objects=init.custom_objects,
-            modules=init.modules,
-            safe_mode=init.safe_mode,
-        )
+        engine: KerasEngine | OnnxEngine
+        if init.engine == "onnx":
+            assert init.onnx_path is not None and init.onnx_meta is not None
+            gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
+            engine = OnnxEngine(init.onnx_path, init.onnx_meta, threads=init.threads, gpu=gpu)
+        else:
+            engine = KerasEngine(
+                init.model_path,
+                input_structure=init.input_structure,
+                input_names=init.input_names,
+                custom_objects=init.custom_objects,
+                modules=init.modules,
+                safe_mode=init.safe_mode,
+            )
         warm = engine.outputs(init.warm_key) if init.warm_key is not None else None
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
         conn.send(("fatal", type(exc).__name__, str(exc), traceback.format_exc()))
