@@ -35,6 +35,7 @@ def main() -> None:
 @click.option("--devices", default="auto", show_default=True, help="auto, cpu, gpu, or GPU ids like 0,1.")
 @click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (runs Lambda code from the file: trusted files only).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a terminal).")
+@click.option("--engine", type=click.Choice(["keras", "onnx"]), default="keras", show_default=True, help="Compiled Keras, or ONNX Runtime (exported once, parity-checked, cached).")
 def predict(
     model: str,
     input: str,
@@ -46,6 +47,7 @@ def predict(
     devices: str,
     unsafe: bool,
     progress: bool | None,
+    engine: str,
 ) -> None:
     """Predict every row of INPUT (.npy/.npz) with MODEL (.keras/.h5) into OUTPUT."""
     from ._predict import predict as run
@@ -66,6 +68,7 @@ def predict(
             devices=_devices(devices),
             safe_mode=not unsafe,
             progress=progress,
+            engine=engine,
         )
     except FleetError as exc:
         if suffix == ".npy" and "multi-output" not in str(exc) and "outputs" in str(exc):
@@ -95,12 +98,36 @@ def _devices(text: str) -> Any:
 
 
 @main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the .onnx file.")
+@click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (trusted files only).")
+def export(model: str, output: str, unsafe: bool) -> None:
+    """Export MODEL to ONNX through Keras's exporter, checked against Keras on a sample batch."""
+    from ._model_file import resolve_model
+    from ._onnx import export as run
+
+    if Path(output).suffix.lower() != ".onnx":
+        raise click.BadParameter(f"Expected an .onnx output path. Received: {output!r}.", param_hint="-o")
+    try:
+        resolved = resolve_model(model)
+        onnx = run(resolved, custom_objects=None, safe_mode=not unsafe, out=Path(output))
+    except FleetError as exc:
+        raise _fail(exc) from exc
+    parity = onnx.meta["parity"]
+    click.echo(
+        f"{output}: inputs {onnx.meta['inputs']}, outputs {onnx.meta['output_names']}; matches Keras on a sample batch "
+        f"(max abs diff {parity['max_abs']:.2g}, max relative {parity['max_rel']:.2g})"
+    )
+
+
+@main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--workers", type=int, default=None)
 @click.option("--threads-per-worker", type=int, default=None)
 @click.option("--devices", default="auto", show_default=True)
+@click.option("--engine", type=click.Choice(["keras", "onnx"]), default="keras", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(model: str | None, workers: int | None, threads_per_worker: int | None, devices: str, as_json: bool) -> None:
+def info(model: str | None, workers: int | None, threads_per_worker: int | None, devices: str, engine: str, as_json: bool) -> None:
     """Cores, workers, threads, backend, devices and batch size kerasfleet would use."""
     from ._fleet import default_backend
     from ._jobs import default_batch_size
@@ -119,6 +146,7 @@ def info(model: str | None, workers: int | None, threads_per_worker: int | None,
             "threads_per_worker": plan.threads_per_worker,
             "cores_per_worker": [list(s.cpus) for s in plan.slots],
             "backend": default_backend(),
+            "engine": engine,
         }
         if model is not None:
             sig = resolve_model(model).signature
@@ -131,7 +159,7 @@ def info(model: str | None, workers: int | None, threads_per_worker: int | None,
                     import numpy as np
 
                     row_bytes = sum(int(np.prod([d or 1 for d in s.shape])) * np.dtype(s.dtype).itemsize for s in sig.inputs)
-                    facts["batch_size"] = default_batch_size(row_bytes, plan.device)
+                    facts["batch_size"] = default_batch_size(row_bytes, plan.device, engine)
                 else:
                     facts["batch_size"] = "chosen per call from the input's row size"
     except FleetError as exc:

@@ -329,7 +329,7 @@ class Fleet:
     # -- jobs --------------------------------------------------------------------------------
     def _default_batch(self, sources: list[Source]) -> int:
         row_bytes = sum(int(_prod(s.shape[1:])) * s.dtype.itemsize for s in sources)
-        return default_batch_size(row_bytes, self.plan.device)
+        return default_batch_size(row_bytes, self.plan.device, self.engine)
 
     def _submit(self, sources: list[Source], batch_size: int | None, out: Any) -> Job:
         key = job_key(sources, batch_size or self.batch_size or self._default_batch(sources))

@@ -29,9 +29,16 @@ MAX_BATCHES_PER_CHUNK = 8
 CHUNKS_PER_WORKER = 4
 
 
-def default_batch_size(row_bytes: int, device: str = "cpu") -> int:
-    """A batch of about 4 MB of input on CPU (16 MB on GPU), a power of two in [16, 1024 or 4096]."""
+def default_batch_size(row_bytes: int, device: str = "cpu", engine: str = "keras") -> int:
+    """A batch of about 4 MB of input on CPU (16 MB on GPU), a power of two in [16, 1024 or 4096].
+
+    ONNX Runtime on CPU runs as fast at 16 rows as at 1024 and loses cache locality beyond
+    (measured on the small CNN: 11.6k rows/s per thread at 16-64 rows, 9.5k at 1024), so its
+    target is 512 KB.
+    """
     target, cap = (16 << 20, 4096) if device == "gpu" else (4 << 20, 1024)
+    if engine == "onnx" and device == "cpu":
+        target = 512 << 10
     rows = max(16, min(cap, target // max(row_bytes, 1)))
     return 1 << (rows.bit_length() - 1)
 
