@@ -10,7 +10,9 @@ it times, on the same input in the same process run:
   the model passed as a task argument (pickled per task), pool start included;
 - joblib (loky) with the model loaded once per worker and cached, pool start included;
 - `kerasfleet.predict(path, x)` one-shot (every process it starts included) and a warm
-  `Fleet.predict` (second call on a started fleet).
+  `Fleet.predict` (second call on a started fleet), with the Keras engine and with
+  `engine="onnx"` (export cached by a first call, as it is after a user's first run; the time
+  for a 2-worker ONNX fleet to be ready is printed with it).
 
 Ratios are against the best `model.predict` of the same run; absolute rows/s drift on a
 shared machine. It also measures time to first prediction: a fresh process that imports
@@ -32,6 +34,7 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERASFLEET_CACHE_DIR", tempfile.mkdtemp(prefix="kf-bench-cache-"))
 
 import numpy as np  # noqa: E402
 
@@ -145,6 +148,20 @@ def bench_model(name, n, tmp):
         plan = fleet.plan.describe()
     diff = max(diff, max(float(np.abs(out - reference).max()) for out, _ in warm))
     results[f"kerasfleet Fleet.predict, warm ({plan})"] = max(rate for _, rate in warm)
+    kerasfleet.predict(path, x[:10], engine="onnx", progress=False)  # export once; cached from here on
+    out, results["kerasfleet.predict, engine=onnx, one-shot (export cached)"] = timed(
+        lambda: kerasfleet.predict(path, x, engine="onnx", progress=False), n
+    )
+    diff = max(diff, float(np.abs(out - reference).max()))
+    started = time.perf_counter()
+    with kerasfleet.Fleet(path, engine="onnx") as fleet:
+        fleet.wait_ready()
+        ready_s = time.perf_counter() - started
+        fleet.predict(x[: max(1, n // 10)], progress=False)
+        warm = [timed(lambda: fleet.predict(x, progress=False), n) for _ in range(3)]
+        plan = fleet.plan.describe()
+    diff = max(diff, max(float(np.abs(out - reference).max()) for out, _ in warm))
+    results[f"kerasfleet Fleet.predict, engine=onnx, warm ({plan}, ready in {ready_s:.2f} s)"] = max(rate for _, rate in warm)
     print(f"\n## {name}: {n:,} rows, {model.count_params():,} params (max abs diff vs model.predict: {diff:.1e})")
     print("| path | rows/s | vs best model.predict |")
     print("| --- | ---: | ---: |")

@@ -1,11 +1,14 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # In-process Keras (for in-memory model tests) uses JAX; workers get their backend per test.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Exported ONNX files and tuned plans go to a cache private to this test session.
+os.environ["KERASFLEET_CACHE_DIR"] = tempfile.mkdtemp(prefix="kerasfleet-test-cache-")
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402

@@ -23,7 +23,7 @@ def folder(zoo):
 
 def test_predict_npy_to_npy(folder, tmp_path):
     np.save(tmp_path / "x.npy", load_x(folder, "mlp"))
-    result = cli("predict", folder / "mlp.keras", tmp_path / "x.npy", "-o", tmp_path / "y.npy", "--workers", 2, "--batch-size", 256)
+    result = cli("predict", folder / "mlp.keras", tmp_path / "x.npy", "-o", tmp_path / "y.npy", "--workers", 2, "--batch-size", 256, "--engine", "keras")
     assert result.returncode == 0, result.stderr
     assert "rows/s" in result.stderr
     assert_same(np.load(tmp_path / "y.npy"), load_y(folder, "mlp"))
@@ -31,7 +31,7 @@ def test_predict_npy_to_npy(folder, tmp_path):
 
 def test_predict_multi_io_npz_to_npz(folder, tmp_path):
     np.savez(tmp_path / "x.npz", x=load_x(folder, "multi_output"))
-    result = cli("predict", folder / "multi_output.keras", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--workers", 1)
+    result = cli("predict", folder / "multi_output.keras", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--workers", 1, "--engine", "keras")
     assert result.returncode == 0, result.stderr
     assert_same(dict(np.load(tmp_path / "y.npz")), load_y(folder, "multi_output"))
 

@@ -29,7 +29,7 @@ def folder(zoo):
 def run_with_fault(monkeypatch, folder, fault, x, **kwargs):
     monkeypatch.setenv("KERASFLEET_FAULT", fault)
     try:
-        return kerasfleet.predict(folder / "mlp.keras", x, workers=2, batch_size=100, backend=BACKEND, progress=False, **kwargs)
+        return kerasfleet.predict(folder / "mlp.keras", x, workers=2, batch_size=100, backend=BACKEND, engine="keras", progress=False, **kwargs)
     finally:
         assert_clean()
 
@@ -66,14 +66,14 @@ def test_million_rows_with_a_worker_sigkilled_mid_run(monkeypatch, folder, tmp_p
     rng = np.random.default_rng(3)
     x = rng.normal(size=(1_000_000, 32)).astype("float32")
     monkeypatch.setenv("KERASFLEET_FAULT", f"kill@600000@{tmp_path / 'fired'}")
-    with kerasfleet.Fleet(folder / "mlp.keras", workers=2, backend=BACKEND) as fleet:
+    with kerasfleet.Fleet(folder / "mlp.keras", workers=2, backend=BACKEND, engine="keras") as fleet:
         got = fleet.predict(x, progress=False)
         assert fleet.restarts == 1 and (tmp_path / "fired").exists()
         monkeypatch.delenv("KERASFLEET_FAULT")
     assert_clean()
     # The reference: the same fleet machinery with no fault (parity with model.predict is
     # checked in test_parity), so the comparison is exact.
-    with kerasfleet.Fleet(folder / "mlp.keras", workers=2, backend=BACKEND) as fleet:
+    with kerasfleet.Fleet(folder / "mlp.keras", workers=2, backend=BACKEND, engine="keras") as fleet:
         np.testing.assert_array_equal(got, fleet.predict(x, progress=False))
         # Killed from outside while idle: the next call gets a replacement and still works.
         victim = fleet.pids[0]
@@ -88,7 +88,7 @@ def test_ctrl_c_stops_everything_promptly(folder, tmp_path):
     script.write_text(
         "import sys, numpy as np, kerasfleet\n"
         "if __name__ == '__main__':\n"
-        f"    fleet = kerasfleet.Fleet({str(folder / 'mlp.keras')!r}, workers=2, backend='jax', batch_size=16)\n"
+        f"    fleet = kerasfleet.Fleet({str(folder / 'mlp.keras')!r}, workers=2, backend='jax', batch_size=16, engine='keras')\n"
         "    fleet.wait_ready(timeout=240)\n"
         "    print(*fleet.pids, flush=True)\n"
         "    fleet.predict(np.zeros((20_000_000, 32), 'float32'), progress=False)\n"
@@ -121,5 +121,5 @@ def test_fatal_load_error_in_workers_is_reported(monkeypatch, folder, tmp_path):
             if item.filename != "model.weights.h5":
                 dst.writestr(item, src.read(item))
     with pytest.raises(kerasfleet.ModelLoadError, match="The workers could not load the model"):
-        kerasfleet.predict(broken, load_x(folder, "mlp"), workers=2, backend=BACKEND)
+        kerasfleet.predict(broken, load_x(folder, "mlp"), workers=2, backend=BACKEND, engine="keras")
     assert_clean()

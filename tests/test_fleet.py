@@ -19,7 +19,7 @@ def folder(zoo):
 
 @pytest.fixture(scope="module")
 def fleet(folder):
-    with kerasfleet.Fleet(folder / "mlp.keras", workers=2, batch_size=128, backend=BACKEND) as f:
+    with kerasfleet.Fleet(folder / "mlp.keras", workers=2, batch_size=128, backend=BACKEND, engine="keras") as f:
         f.wait_ready(timeout=240)
         yield f
 

@@ -57,7 +57,7 @@ def test_in_memory_model_with_custom_layer_matches_predict():
     inp = keras.Input((6,), name="x")
     model = keras.Model(inp, keras.layers.Dense(2)(ScaledDense(4)(inp)))
     x = np.random.default_rng(0).normal(size=(777, 6)).astype("float32")
-    got = kerasfleet.predict(model, x, workers=1, progress=False)
+    got = kerasfleet.predict(model, x, workers=1, engine="keras", progress=False)
     np.testing.assert_allclose(got, model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
 
 
@@ -69,7 +69,7 @@ def test_h5_model_and_custom_objects(folder, tmp_path):
     model = keras.saving.load_model(folder / "custom_layer.keras")
     path = tmp_path / "legacy.h5"
     model.save(path)
-    got = kerasfleet.predict(path, load_x(folder, "custom_layer"), workers=1, custom_objects={"ScaledDense": ScaledDense}, progress=False)
+    got = kerasfleet.predict(path, load_x(folder, "custom_layer"), workers=1, custom_objects={"ScaledDense": ScaledDense}, engine="keras", progress=False)
     assert_same(got, load_y(folder, "custom_layer"))
 
 
@@ -82,8 +82,8 @@ def test_lambda_layers_need_an_explicit_opt_out_of_safe_mode(tmp_path):
     model.save(path)
     x = np.ones((5, 3), "float32")
     with pytest.raises(kerasfleet.ModelLoadError, match="safe_mode=False only if you trust the file"):
-        kerasfleet.predict(path, x, workers=1)
-    np.testing.assert_allclose(kerasfleet.predict(path, x, workers=1, safe_mode=False), x * 3.0)
+        kerasfleet.predict(path, x, workers=1, engine="keras")
+    np.testing.assert_allclose(kerasfleet.predict(path, x, workers=1, safe_mode=False, engine="keras"), x * 3.0)
 
 
 def test_public_api_is_complete():

@@ -12,7 +12,7 @@ MODELS = ["mlp", "multi_input", "multi_output", "batchnorm_dropout", "embedding"
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_model_predict(zoo, backend, name):
     folder = zoo(backend)
-    got = kerasfleet.predict(folder / f"{name}.keras", load_x(folder, name), workers=2, batch_size=256, backend=backend, progress=False)
+    got = kerasfleet.predict(folder / f"{name}.keras", load_x(folder, name), workers=2, batch_size=256, backend=backend, engine="keras", progress=False)
     assert_same(got, load_y(folder, name))
 
 
@@ -24,5 +24,5 @@ def test_list_input_and_default_batch(zoo, backend):
     # order is refused with the expected keys rather than silently misassigned.
     with pytest.raises(kerasfleet.InputError, match="Expected a list or dict of 2 arrays"):
         kerasfleet.predict(folder / "multi_input.keras", x["numeric"], backend=backend)
-    got = kerasfleet.predict(folder / "multi_input.keras", x, workers=1, backend=backend, progress=False)
+    got = kerasfleet.predict(folder / "multi_input.keras", x, workers=1, backend=backend, engine="keras", progress=False)
     assert_same(got, load_y(folder, "multi_input"))

@@ -2,6 +2,7 @@
 
     kerasfleet.predict(model, x)          one call, same result as model.predict(x)
     kerasfleet.Fleet(model)               warm workers for repeated calls and streams
+    kerasfleet.Predictor(model)           low latency in this process, no retracing after warm-up
     kerasfleet.make_plan()                workers, threads, cores and GPUs it would use
 
 Attributes load lazily: `import kerasfleet` costs milliseconds and imports no framework, and a
@@ -22,6 +23,7 @@ __all__ = [
     "InputError",
     "ModelLoadError",
     "Plan",
+    "Predictor",
     "WorkerCrashedError",
     "WorkerError",
     "__version__",
@@ -33,6 +35,7 @@ _LAZY = {
     "Fleet": "._fleet",
     "predict": "._predict",
     "make_plan": "._plan",
+    "Predictor": "._predictor",
     "Plan": "._plan",
     "FleetError": "._errors",
     "FleetClosedError": "._errors",
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from ._fleet import Fleet
     from ._plan import Plan, make_plan
     from ._predict import predict
+    from ._predictor import Predictor
 
 
 def __getattr__(name: str) -> Any:

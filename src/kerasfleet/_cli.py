@@ -35,7 +35,7 @@ def main() -> None:
 @click.option("--devices", default="auto", show_default=True, help="auto, cpu, gpu, or GPU ids like 0,1.")
 @click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (runs Lambda code from the file: trusted files only).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a terminal).")
-@click.option("--engine", type=click.Choice(["keras", "onnx"]), default="keras", show_default=True, help="Compiled Keras, or ONNX Runtime (exported once, parity-checked, cached).")
+@click.option("--engine", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True, help="auto: measured once per model and machine; keras: compiled Keras; onnx: ONNX Runtime (parity-checked).")
 def predict(
     model: str,
     input: str,
@@ -121,11 +121,33 @@ def export(model: str, output: str, unsafe: bool) -> None:
 
 
 @main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--seconds", type=float, default=None, help="Trial budget beyond the slowest start-up (default 8).")
+@click.option("--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None)
+@click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (trusted files only).")
+def tune(model: str, seconds: float | None, backend: str | None, unsafe: bool) -> None:
+    """Measure engines, workers x threads and batch sizes for MODEL here; store and print the plan."""
+    from ._fleet import default_backend
+    from ._model_file import resolve_model
+    from ._tune import DEFAULT_TRIAL_S, plan_path
+    from ._tune import tune as run
+
+    try:
+        resolved = resolve_model(model)
+        click.echo(f"measuring {model} (rows/s on synthetic rows of its signature):")
+        plan = run(resolved, backend=backend or default_backend(), safe_mode=not unsafe, seconds=seconds or DEFAULT_TRIAL_S, verbose=True)
+    except FleetError as exc:
+        raise _fail(exc) from exc
+    click.echo(f"plan: {plan.describe()}")
+    click.echo(f"stored in {plan_path(resolved, backend or default_backend())}")
+
+
+@main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--workers", type=int, default=None)
 @click.option("--threads-per-worker", type=int, default=None)
 @click.option("--devices", default="auto", show_default=True)
-@click.option("--engine", type=click.Choice(["keras", "onnx"]), default="keras", show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(model: str | None, workers: int | None, threads_per_worker: int | None, devices: str, engine: str, as_json: bool) -> None:
     """Cores, workers, threads, backend, devices and batch size kerasfleet would use."""
@@ -151,6 +173,12 @@ def info(model: str | None, workers: int | None, threads_per_worker: int | None,
         if model is not None:
             sig = resolve_model(model).signature
             facts["model"] = model
+            if engine == "auto":
+                from ._tune import cached_plan
+
+                tuned = cached_plan(resolve_model(model), default_backend())
+                plan_in_force = tuned.describe() if tuned else "not measured yet (kerasfleet tune MODEL, or the first auto call, measures it)"
+                facts["plan_in_force"] = plan_in_force
             if sig.inputs is None:
                 facts["inputs"] = "not declared in the file (subclassed model): checked by the workers"
             else:
@@ -159,7 +187,7 @@ def info(model: str | None, workers: int | None, threads_per_worker: int | None,
                     import numpy as np
 
                     row_bytes = sum(int(np.prod([d or 1 for d in s.shape])) * np.dtype(s.dtype).itemsize for s in sig.inputs)
-                    facts["batch_size"] = default_batch_size(row_bytes, plan.device, engine)
+                    facts["batch_size"] = default_batch_size(row_bytes, plan.device, "keras" if engine == "auto" else engine)
                 else:
                     facts["batch_size"] = "chosen per call from the input's row size"
     except FleetError as exc:

@@ -45,6 +45,7 @@ class KerasEngine:
         custom_objects: dict[str, Any] | None,
         modules: Sequence[str],
         safe_mode: bool,
+        model: Any = None,
     ) -> None:
         import keras
 
@@ -53,7 +54,11 @@ class KerasEngine:
             importlib.import_module(module)
         self.keras = keras
         self.backend = keras.backend.backend()
-        self.model = keras.saving.load_model(model_path, custom_objects=custom_objects, safe_mode=safe_mode, compile=False)
+        if model is None:
+            model = keras.saving.load_model(model_path, custom_objects=custom_objects, safe_mode=safe_mode, compile=False)
+        self.model = model
+        # Python bodies of compiled functions run only while tracing: counting them counts traces.
+        self.python_traces = 0
         self.input_structure = input_structure
         self.input_names = list(input_names) if input_names is not None else None
         self._compiled: dict[Key, tuple[Callable[[list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]]] = {}
@@ -86,6 +91,7 @@ class KerasEngine:
             import jax
 
             def forward(tv: Any, ntv: Any, x: Any) -> Any:
+                self.python_traces += 1
                 y, _ = model.stateless_call(tv, ntv, x, training=False)
                 return y
 
@@ -96,7 +102,11 @@ class KerasEngine:
         if self.backend == "tensorflow":
             import tensorflow as tf
 
-            traced: Callable[[Any], Any] = tf.function(lambda x: model(x, training=False), jit_compile=False, reduce_retracing=False)
+            def tf_forward(x: Any) -> Any:
+                self.python_traces += 1
+                return model(x, training=False)
+
+            traced: Callable[[Any], Any] = tf.function(tf_forward, jit_compile=False, reduce_retracing=False)
             return traced
         if self.backend == "torch":
             import torch
@@ -135,6 +145,10 @@ class KerasEngine:
     def outputs(self, key: Key) -> Outputs:
         self.compiled(key)
         return self._outputs[key]
+
+    def run_batch(self, key: Key, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        """One compiled call on arrays of exactly key's batch size."""
+        return self.compiled(key)[0](arrays)
 
     # -- running ---------------------------------------------------------------------------
     def predict_rows(
@@ -190,6 +204,10 @@ class OnnxEngine:
         self._outputs: dict[Key, Outputs] = {}
         self._dtypes: dict[Key, list[np.dtype[Any]]] = {}
         self.traces = 0
+        self.python_traces = 0  # ONNX Runtime never traces
+
+    def run_batch(self, key: Key, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        return self._run(arrays)
 
     def _run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         return list(self.session.run(self.output_names, dict(zip(self.input_names, arrays))))

@@ -42,9 +42,10 @@ from ._onnx import OnnxModel
 from ._onnx import export as export_onnx
 from ._plan import Plan, WorkerSlot, make_plan, worker_environment
 from ._progress import progress_bar
+from ._tune import TunedPlan, get_plan
 from ._worker import WorkerInfo, WorkerInit
 
-ENGINES = ("keras", "onnx")
+ENGINES = ("auto", "keras", "onnx")
 # Chunks a worker holds at once: one it computes, one waiting, so it never idles on a round trip.
 PREFETCH = 2
 # How often the loop wakes without news, to check start-up deadlines.
@@ -119,7 +120,7 @@ class Fleet:
     | `safe_mode` | Keras safe mode when loading (no arbitrary code from lambdas); on by default |
     | `max_retries` | how often the same rows may crash a worker before the call fails |
     | `start_timeout` | seconds to wait for the first worker to be ready |
-    | `engine` | `"keras"` (compiled Keras) or `"onnx"` (exported once, parity-checked, cached; needs the `onnx` extra) |
+    | `engine` | `"auto"` (measured once per model and machine, cached), `"keras"` (compiled Keras) or `"onnx"` (exported once, parity-checked, cached) |
 
     Workers start at construction, in the background; the first call waits for them. A fleet is
     used from one thread at a time.
@@ -138,7 +139,7 @@ class Fleet:
         safe_mode: bool = True,
         max_retries: int = 3,
         start_timeout: float = 600.0,
-        engine: str = "keras",
+        engine: str = "auto",
         _start: bool = True,
     ) -> None:
         _check_batch_size(batch_size)
@@ -150,6 +151,9 @@ class Fleet:
         self._model: ModelFile = resolve_model(model, custom_objects)
         self.signature = self._model.signature
         self.engine = engine
+        self.tuned: TunedPlan | None = None
+        self._user_split = workers is not None or threads_per_worker is not None
+        self._devices = devices
         self.onnx: OnnxModel | None = None
         self._custom_objects = custom_objects
         self._safe_mode = safe_mode
@@ -178,6 +182,8 @@ class Fleet:
 
     def _start(self) -> None:
         try:
+            if self.engine == "auto":
+                self._apply_tuned_plan()
             if self.engine == "onnx":
                 self.onnx = export_onnx(self._model, custom_objects=self._custom_objects, safe_mode=self._safe_mode)
             specs = self.signature.inputs
@@ -325,6 +331,19 @@ class Fleet:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<Fleet {state}: {self.plan.describe()}, engine {self.engine}, backend {self.backend}, model {self._model.path.name}>"
+
+    def _apply_tuned_plan(self) -> None:
+        """Resolve engine="auto": the cached (or freshly measured) plan fills what the caller left open."""
+        if self.plan.device != "cpu" or self.signature.inputs is None or any(d is None for s in self.signature.inputs for d in s.shape):
+            self.engine = "keras"  # the trial measures CPU configurations on fixed row shapes
+            return
+        if self.tuned is None:
+            self.tuned = get_plan(self._model, backend=self.backend, custom_objects=self._custom_objects, safe_mode=self._safe_mode)
+        self.engine = self.tuned.engine
+        if not self._user_split:
+            self.plan = make_plan(self.tuned.workers, self.tuned.threads_per_worker, devices=self._devices)
+        if self.batch_size is None:
+            self.batch_size = self.tuned.batch_size
 
     # -- jobs --------------------------------------------------------------------------------
     def _default_batch(self, sources: list[Source]) -> int:

@@ -1,0 +1,225 @@
+"""engine="auto": a short measured trial over engines, splits and batch sizes, remembered.
+
+The trial measures real configurations on synthetic rows of the model's own signature:
+
+- ONNX Runtime in the caller's process on every core (no workers at all);
+- fleets of ONNX workers (cores x 1 thread, 1 x cores) at two batch sizes;
+- a fleet of compiled-Keras workers (cores x 1 thread).
+
+A configuration's steady rate (rows/s) and its start-up time are recorded; the fastest fleet
+wins, and the in-process rate lets a one-shot call skip starting workers when that is faster
+for its row count. ONNX takes part only if its export passed the parity check (else the
+reason is kept in the plan and a warning says it). The plan is JSON in the user cache
+(`$KERASFLEET_CACHE_DIR` or `~/.cache/kerasfleet/plans`), keyed by the model file's hash and
+the machine (usable cores, CPU model, backend, library versions), and reused from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._errors import FleetError, InputError
+from ._model_file import ModelFile, Signature
+from ._onnx import cache_dir, model_hash
+from ._plan import usable_cpus
+
+DEFAULT_TRIAL_S = 8.0
+_PLAN_FORMAT = 1
+_TIMED_RUN_S = 0.3  # each measurement times about this long, after a warm-up call
+_MAX_TRIAL_BYTES = 64 << 20
+
+
+@dataclass
+class TunedPlan:
+    engine: str
+    workers: int
+    threads_per_worker: int
+    batch_size: int
+    rows_per_s: float
+    start_s: float
+    in_process_rows_per_s: float | None = None
+    in_process_batch: int | None = None
+    note: str = ""
+    table: list[dict[str, Any]] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    def use_in_process(self, rows: int) -> bool:
+        """True when ONNX Runtime in the caller finishes `rows` before a fleet would."""
+        if not self.in_process_rows_per_s:
+            return False
+        return rows / self.in_process_rows_per_s <= self.start_s + rows / self.rows_per_s
+
+    def describe(self) -> str:
+        text = f"engine {self.engine}, {self.workers} worker(s) x {self.threads_per_worker} thread(s), batch {self.batch_size}, {self.rows_per_s:,.0f} rows/s"
+        if self.in_process_rows_per_s:
+            crossover = self.start_s / max(1e-12, 1 / self.in_process_rows_per_s - 1 / self.rows_per_s) if self.in_process_rows_per_s < self.rows_per_s else float("inf")
+            text += f"; in-process ONNX {self.in_process_rows_per_s:,.0f} rows/s, used below {crossover:,.0f} rows"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def machine_facts(backend: str) -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for package in ("keras", "jax", "tensorflow", "tensorflow-cpu", "onnxruntime", "numpy", "kerasfleet"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cores": len(usable_cpus()), "cpu": cpu, "backend": backend, "python": platform.python_version(), "versions": versions}
+
+
+def plan_path(model: ModelFile, backend: str) -> Path:
+    facts = json.dumps(machine_facts(backend), sort_keys=True)
+    machine = hashlib.sha256(facts.encode()).hexdigest()[:16]
+    return cache_dir() / "plans" / f"{model_hash(model.path)}-{machine}-v{_PLAN_FORMAT}.json"
+
+
+def cached_plan(model: ModelFile, backend: str) -> TunedPlan | None:
+    path = plan_path(model, backend)
+    try:
+        return TunedPlan(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def get_plan(model: ModelFile, **kwargs: Any) -> TunedPlan:
+    """The cached plan for this model and machine, or a fresh trial's."""
+    return cached_plan(model, kwargs["backend"]) or tune(model, **kwargs)
+
+
+def synthetic_inputs(signature: Signature, rows: int, seed: int = 0) -> Any:
+    if signature.inputs is None or any(d is None for s in signature.inputs for d in s.shape):
+        raise InputError("Expected fixed per-row input shapes to tune on synthetic rows. Received: undeclared or variable shapes; use engine='keras'.")
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in signature.inputs:
+        shape = (rows, *[int(d) for d in spec.shape if d is not None])
+        arrays[spec.name] = np.zeros(shape, spec.dtype) if np.dtype(spec.dtype).kind in "iub" else rng.normal(size=shape).astype(spec.dtype)
+    if signature.structure == "dict":
+        return arrays
+    return list(arrays.values()) if signature.structure == "list" else next(iter(arrays.values()))
+
+
+def _row_bytes(signature: Signature) -> int:
+    assert signature.inputs is not None
+    return sum(int(np.prod([d or 1 for d in s.shape])) * np.dtype(s.dtype).itemsize for s in signature.inputs)
+
+
+def _timed_rate(run: Any, signature: Signature, batch: int) -> float:
+    """Rows/s of `run(x)` on synthetic rows, warmed first, timed for about _TIMED_RUN_S."""
+    cap = max(batch, _MAX_TRIAL_BYTES // max(1, _row_bytes(signature)))
+    rows = min(cap, 8 * batch)
+    x = synthetic_inputs(signature, rows)
+    run(x)
+    started = time.perf_counter()
+    run(x)
+    elapsed = time.perf_counter() - started
+    if elapsed < _TIMED_RUN_S and rows < cap:
+        rows = int(min(cap, rows * _TIMED_RUN_S / max(elapsed, 1e-4)))
+        x = synthetic_inputs(signature, rows)
+        started = time.perf_counter()
+        run(x)
+        elapsed = time.perf_counter() - started
+    return rows / elapsed
+
+
+def tune(
+    model: ModelFile,
+    *,
+    backend: str,
+    custom_objects: dict[str, Any] | None = None,
+    safe_mode: bool = True,
+    seconds: float = DEFAULT_TRIAL_S,
+    verbose: bool = False,
+) -> TunedPlan:
+    """Run the trial, store the plan, return it. Takes `seconds` plus the slowest start-up."""
+    from ._engine import OnnxEngine
+    from ._fleet import Fleet
+    from ._jobs import default_batch_size
+    from ._onnx import export
+
+    signature = model.signature
+    synthetic_inputs(signature, 1)  # refuses what cannot be tuned, before anything starts
+    cores = len(usable_cpus())
+    row_bytes = _row_bytes(signature)
+    began = time.perf_counter()
+    table: list[dict[str, Any]] = []
+    note = ""
+
+    def record(where: str, engine: str, workers: int, threads: int, batch: int, rate: float, start_s: float) -> None:
+        row = {"where": where, "engine": engine, "workers": workers, "threads": threads, "batch_size": batch, "rows_per_s": round(rate, 1), "start_s": round(start_s, 3)}
+        table.append(row)
+        if verbose:
+            print(f"  {where:<10} {engine:<6} {workers} x {threads}  batch {batch:<5} {rate:>14,.0f} rows/s  start {start_s:.2f} s", flush=True)
+
+    def fleet_candidate(engine: str, workers: int, threads: int, batches: list[int]) -> None:
+        started = time.perf_counter()
+        with Fleet(model.path, engine=engine, workers=workers, threads_per_worker=threads, backend=backend, custom_objects=custom_objects, safe_mode=safe_mode) as fleet:
+            fleet.wait_ready()
+            start_s = time.perf_counter() - started
+            for batch in batches:
+                rate = _timed_rate(lambda x, b=batch: fleet.predict(x, batch_size=b, progress=False), signature, batch)
+                record("workers", engine, workers, threads, batch, rate, start_s)
+
+    onnx = None
+    try:
+        onnx = export(model, custom_objects=custom_objects, safe_mode=safe_mode)
+    except (FleetError, ImportError) as exc:
+        note = f"ONNX not used: {exc}"
+        warnings.warn(f"kerasfleet: {note}", RuntimeWarning, stacklevel=2)
+    if onnx is not None:
+        b_onnx = default_batch_size(row_bytes, "cpu", "onnx")
+        engine = OnnxEngine(str(onnx.path), onnx.meta, threads=cores, gpu=False)
+        for batch in sorted({b_onnx, min(4096, b_onnx * 4)}):
+            key = (batch, tuple((tuple(int(d) for d in s.shape if d is not None), np.dtype(s.dtype).str) for s in signature.inputs or ()))
+
+            def in_process(x: Any, key: Any = key) -> None:
+                arrays = [x] if not isinstance(x, (dict, list)) else list(x.values()) if isinstance(x, dict) else x
+                outs = [np.empty((len(arrays[0]), *o.shape), o.dtype) for o in engine.outputs(key).specs]
+                engine.predict_rows(key, arrays, outs, 0, len(arrays[0]))
+
+            record("in-process", "onnx", 1, cores, batch, _timed_rate(in_process, signature, batch), 0.0)
+        del engine
+        fleet_candidate("onnx", cores, 1, sorted({b_onnx, min(4096, b_onnx * 4)}))
+        if cores > 1 and time.perf_counter() - began < seconds:
+            fleet_candidate("onnx", 1, cores, [b_onnx])
+    fleet_candidate("keras", cores, 1, [default_batch_size(row_bytes, "cpu", "keras")])
+
+    fleets = [r for r in table if r["where"] == "workers"]
+    best = max(fleets, key=lambda r: r["rows_per_s"])
+    inproc = max((r for r in table if r["where"] == "in-process"), key=lambda r: r["rows_per_s"], default=None)
+    plan = TunedPlan(
+        engine=best["engine"],
+        workers=best["workers"],
+        threads_per_worker=best["threads"],
+        batch_size=best["batch_size"],
+        rows_per_s=best["rows_per_s"],
+        start_s=best["start_s"],
+        in_process_rows_per_s=inproc["rows_per_s"] if inproc else None,
+        in_process_batch=inproc["batch_size"] if inproc else None,
+        note=note,
+        table=table,
+        machine=machine_facts(backend),
+    )
+    path = plan_path(model, backend)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(plan), indent=1))
+    os.replace(tmp, path)
+    return plan
