@@ -133,9 +133,12 @@ def _timed_rate(run: Any, signature: Signature, batch: int) -> float:
     if elapsed < _TIMED_RUN_S and rows < cap:
         rows = int(min(cap, rows * _TIMED_RUN_S / max(elapsed, 1e-4)))
         x = synthetic_inputs(signature, rows)
+    # Best of two timed runs: a neighbour's burst on a shared machine only ever slows a run.
+    elapsed = float("inf")
+    for _ in range(2):
         started = time.perf_counter()
         run(x)
-        elapsed = time.perf_counter() - started
+        elapsed = min(elapsed, time.perf_counter() - started)
     return rows / elapsed
 
 
