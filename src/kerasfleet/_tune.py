@@ -121,25 +121,31 @@ def _row_bytes(signature: Signature) -> int:
     return sum(int(np.prod([d or 1 for d in s.shape])) * np.dtype(s.dtype).itemsize for s in signature.inputs)
 
 
-def _timed_rate(run: Any, signature: Signature, batch: int) -> float:
-    """Rows/s of `run(x)` on synthetic rows, warmed first, timed for about _TIMED_RUN_S."""
-    cap = max(batch, _MAX_TRIAL_BYTES // max(1, _row_bytes(signature)))
-    rows = min(cap, 8 * batch)
+def _timed_rates(run: Any, signature: Signature, batches: list[int]) -> dict[int, float]:
+    """Rows/s of `run(x, batch)` per batch size on synthetic rows, each timed about _TIMED_RUN_S.
+
+    Every batch size is warmed first, then timed in alternating rounds and the best round kept:
+    a neighbour's burst on a shared machine only ever slows a run, and alternating keeps the
+    first-measured candidate from paying for the machine settling down.
+    """
+    cap = max(batches) * 2 + _MAX_TRIAL_BYTES // max(1, _row_bytes(signature))
+    rows = min(cap, 8 * max(batches))
     x = synthetic_inputs(signature, rows)
-    run(x)
+    for batch in batches:
+        run(x, batch)
     started = time.perf_counter()
-    run(x)
+    run(x, batches[0])
     elapsed = time.perf_counter() - started
     if elapsed < _TIMED_RUN_S and rows < cap:
         rows = int(min(cap, rows * _TIMED_RUN_S / max(elapsed, 1e-4)))
         x = synthetic_inputs(signature, rows)
-    # Best of two timed runs: a neighbour's burst on a shared machine only ever slows a run.
-    elapsed = float("inf")
+    best = dict.fromkeys(batches, float("inf"))
     for _ in range(2):
-        started = time.perf_counter()
-        run(x)
-        elapsed = min(elapsed, time.perf_counter() - started)
-    return rows / elapsed
+        for batch in batches:
+            started = time.perf_counter()
+            run(x, batch)
+            best[batch] = min(best[batch], time.perf_counter() - started)
+    return {batch: rows / seconds for batch, seconds in best.items()}
 
 
 def tune(
@@ -176,8 +182,8 @@ def tune(
         with Fleet(model.path, engine=engine, workers=workers, threads_per_worker=threads, backend=backend, custom_objects=custom_objects, safe_mode=safe_mode) as fleet:
             fleet.wait_ready()
             start_s = time.perf_counter() - started
-            for batch in batches:
-                rate = _timed_rate(lambda x, b=batch: fleet.predict(x, batch_size=b, progress=False), signature, batch)
+            rates = _timed_rates(lambda x, b: fleet.predict(x, batch_size=b, progress=False), signature, batches)
+            for batch, rate in rates.items():
                 record("workers", engine, workers, threads, batch, rate, start_s)
 
     onnx = None
@@ -189,15 +195,16 @@ def tune(
     if onnx is not None:
         b_onnx = default_batch_size(row_bytes, "cpu", "onnx")
         engine = OnnxEngine(str(onnx.path), onnx.meta, threads=cores, gpu=False)
-        for batch in sorted({b_onnx, min(4096, b_onnx * 4)}):
-            key = (batch, tuple((tuple(int(d) for d in s.shape if d is not None), np.dtype(s.dtype).str) for s in signature.inputs or ()))
+        rows_key = tuple((tuple(int(d) for d in s.shape if d is not None), np.dtype(s.dtype).str) for s in signature.inputs or ())
 
-            def in_process(x: Any, key: Any = key) -> None:
-                arrays = [x] if not isinstance(x, (dict, list)) else list(x.values()) if isinstance(x, dict) else x
-                outs = [np.empty((len(arrays[0]), *o.shape), o.dtype) for o in engine.outputs(key).specs]
-                engine.predict_rows(key, arrays, outs, 0, len(arrays[0]))
+        def in_process(x: Any, batch: int) -> None:
+            key = (batch, rows_key)
+            arrays = [x] if not isinstance(x, (dict, list)) else list(x.values()) if isinstance(x, dict) else x
+            outs = [np.empty((len(arrays[0]), *o.shape), o.dtype) for o in engine.outputs(key).specs]
+            engine.predict_rows(key, arrays, outs, 0, len(arrays[0]))
 
-            record("in-process", "onnx", 1, cores, batch, _timed_rate(in_process, signature, batch), 0.0)
+        for batch, rate in _timed_rates(in_process, signature, sorted({b_onnx, min(4096, b_onnx * 4)})).items():
+            record("in-process", "onnx", 1, cores, batch, rate, 0.0)
         del engine
         fleet_candidate("onnx", cores, 1, sorted({b_onnx, min(4096, b_onnx * 4)}))
         if cores > 1 and time.perf_counter() - began < seconds:
