@@ -16,17 +16,6 @@ from kerasfleet._onnx import export as export_onnx
 MODELS = ["mlp", "multi_input", "multi_output", "batchnorm_dropout", "embedding", "custom_layer"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    old = os.environ.get("KERASFLEET_CACHE_DIR")
-    os.environ["KERASFLEET_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("KERASFLEET_CACHE_DIR")
-    else:
-        os.environ["KERASFLEET_CACHE_DIR"] = old
-
-
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_onnx_matches_model_predict(zoo, backend, name):

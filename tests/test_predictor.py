@@ -1,6 +1,5 @@
 """Predictor: in-process, every bucket warmed at construction, no retracing afterwards."""
 
-import os
 import warnings
 
 import numpy as np
@@ -10,17 +9,6 @@ import kerasfleet
 from conftest import assert_same, load_x, load_y
 
 SIZES = [1, 2, 3, 7, 8, 100, 255, 256, 257, 1000, 1024, 1500]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    old = os.environ.get("KERASFLEET_CACHE_DIR")
-    os.environ["KERASFLEET_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("KERASFLEET_CACHE_DIR")
-    else:
-        os.environ["KERASFLEET_CACHE_DIR"] = old
 
 
 @pytest.mark.parametrize("engine", ["keras", "onnx"])
