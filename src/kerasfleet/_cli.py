@@ -143,6 +143,32 @@ def tune(model: str, seconds: float | None, backend: str | None, unsafe: bool) -
 
 
 @main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--batch-sizes", default="1,32,256", show_default=True, help="Comma-separated batch sizes to time.")
+@click.option("--calls", type=int, default=200, show_default=True, help="Timed calls per path and batch size (model.predict: at most 100).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Report folder (default: ./kerasfleet-profile-MODEL).")
+@click.option("--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None)
+def profile(model: str, batch_sizes: str, calls: int, output: str | None, backend: str | None) -> None:
+    """Latency distributions per prediction path, trace and retrace costs, and the plan kerasfleet would use."""
+    from ._fleet import default_backend
+    from ._profile import profile as run
+
+    try:
+        sizes = tuple(sorted({int(b) for b in batch_sizes.split(",") if b.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"Expected comma-separated integers. Received: {batch_sizes!r}.", param_hint="--batch-sizes") from None
+    if not sizes or sizes[0] < 1 or calls < 1:
+        raise click.BadParameter(f"Expected positive batch sizes and calls. Received: {batch_sizes!r}, {calls}.")
+    chosen = backend or default_backend()
+    os.environ["KERAS_BACKEND"] = chosen  # profile imports Keras in this process
+    try:
+        report = run(model, batch_sizes=sizes, calls=calls, out_dir=Path(output) if output else None, backend=chosen, echo=click.echo)
+    except FleetError as exc:
+        raise _fail(exc) from exc
+    click.echo(f"\nreport: {report}")
+
+
+@main.command()
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--workers", type=int, default=None)
 @click.option("--threads-per-worker", type=int, default=None)
@@ -183,7 +209,7 @@ def info(model: str | None, workers: int | None, threads_per_worker: int | None,
                 facts["inputs"] = "not declared in the file (subclassed model): checked by the workers"
             else:
                 facts["inputs"] = [s.describe() for s in sig.inputs]
-                if all(d is not None for s in sig.inputs for d in s.shape):
+                if sig.fixed:
                     import numpy as np
 
                     row_bytes = sum(int(np.prod([d or 1 for d in s.shape])) * np.dtype(s.dtype).itemsize for s in sig.inputs)

@@ -36,7 +36,7 @@ from ._buffers import SharedBuffers
 from ._engine import Key, Outputs
 from ._errors import FleetClosedError, FleetError, InputError, ModelLoadError, RemoteTraceback, WorkerCrashedError, WorkerError
 from ._inputs import Source, normalize_inputs
-from ._jobs import Job, check_out, default_batch_size, job_key
+from ._jobs import Job, check_out, default_batch_size, source_rows
 from ._model_file import ModelFile, resolve_model
 from ._onnx import OnnxModel
 from ._onnx import export as export_onnx
@@ -188,12 +188,9 @@ class Fleet:
                 self.onnx = export_onnx(self._model, custom_objects=self._custom_objects, safe_mode=self._safe_mode)
             specs = self.signature.inputs
             warm_key: Key | None = None
-            if specs is not None and all(d is not None for s in specs for d in s.shape):
-                rows = [
-                    Source(s.name, _np_dtype(s.dtype), None, shape=(1, *[int(d) for d in s.shape if d is not None]))
-                    for s in specs
-                ]
-                warm_key = job_key(rows, self.batch_size or self._default_batch(rows))
+            if self.signature.fixed:
+                rows = self.signature.row_specs()
+                warm_key = (self.batch_size or self._default_batch(rows), rows)
             self._init = pickle.dumps(
                 WorkerInit(
                     model_path=str(self._model.path),
@@ -334,7 +331,7 @@ class Fleet:
 
     def _apply_tuned_plan(self) -> None:
         """Resolve engine="auto": the cached (or freshly measured) plan fills what the caller left open."""
-        if self.plan.device != "cpu" or self.signature.inputs is None or any(d is None for s in self.signature.inputs for d in s.shape):
+        if self.plan.device != "cpu" or not self.signature.fixed:
             self.engine = "keras"  # the trial measures CPU configurations on fixed row shapes
             return
         if self.tuned is None:
@@ -346,12 +343,13 @@ class Fleet:
             self.batch_size = self.tuned.batch_size
 
     # -- jobs --------------------------------------------------------------------------------
-    def _default_batch(self, sources: list[Source]) -> int:
-        row_bytes = sum(int(_prod(s.shape[1:])) * s.dtype.itemsize for s in sources)
+    def _default_batch(self, rows: tuple[tuple[tuple[int, ...], str], ...]) -> int:
+        row_bytes = sum(_prod(shape) * int(_np_dtype(dtype).itemsize) for shape, dtype in rows)
         return default_batch_size(row_bytes, self.plan.device, self.engine)
 
     def _submit(self, sources: list[Source], batch_size: int | None, out: Any) -> Job:
-        key = job_key(sources, batch_size or self.batch_size or self._default_batch(sources))
+        rows = source_rows(sources)
+        key = (batch_size or self.batch_size or self._default_batch(rows), rows)
         job = Job(self._next_job, key, sources, self.plan.workers, self._buffers)
         self._next_job += 1
         self._jobs[job.id] = job

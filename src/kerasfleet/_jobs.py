@@ -43,8 +43,13 @@ def default_batch_size(row_bytes: int, device: str = "cpu", engine: str = "keras
     return 1 << (rows.bit_length() - 1)
 
 
+def source_rows(sources: Sequence[Source]) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """((per-row shape, dtype str), ...): the rows part of an engine key."""
+    return tuple((tuple(s.shape[1:]), s.dtype.str) for s in sources)
+
+
 def job_key(sources: Sequence[Source], batch_size: int) -> Key:
-    return (batch_size, tuple((tuple(s.shape[1:]), s.dtype.str) for s in sources))
+    return (batch_size, source_rows(sources))
 
 
 def check_out(out: Any) -> None:

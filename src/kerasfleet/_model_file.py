@@ -50,6 +50,18 @@ class Signature:
     structure: str
     custom_modules: tuple[str, ...] = field(default=())
 
+    @property
+    def fixed(self) -> bool:
+        """Every input's per-row shape is known: workers can warm up and a trial can run ahead."""
+        return self.inputs is not None and all(d is not None for s in self.inputs for d in s.shape)
+
+    def row_specs(self) -> tuple[tuple[tuple[int, ...], str], ...]:
+        """((per-row shape, dtype str), ...) of a fixed signature: the rows part of an engine key."""
+        import numpy as np
+
+        assert self.inputs is not None and self.fixed
+        return tuple((tuple(int(d) for d in s.shape if d is not None), _dtype_str(np, s.dtype)) for s in self.inputs)
+
 
 @dataclass
 class ModelFile:
@@ -141,6 +153,13 @@ def read_config(path: Path) -> dict[str, Any]:
             "model_config (weights only?). Load the model and pass the keras.Model instead."
         )
     return dict(json.loads(raw if isinstance(raw, str) else raw.decode()))
+
+
+def _dtype_str(np: Any, name: str) -> str:
+    try:
+        return str(np.dtype(name).str)
+    except TypeError:  # a Keras-only dtype name: the engines compute in float32
+        return str(np.dtype("float32").str)
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -48,13 +48,13 @@ class Predictor:
         self._file: ModelFile = resolve_model(model, custom_objects)
         self.signature = self._file.signature
         specs = self.signature.inputs
-        if specs is None or any(d is None for s in specs for d in s.shape):
+        if specs is None or not self.signature.fixed:
             self._file.cleanup()
             raise InputError(
                 "Expected a model whose inputs have fixed per-row shapes (buckets are compiled ahead). "
                 f"Received: inputs {[s.describe() for s in specs] if specs else 'undeclared (subclassed model)'}."
             )
-        self._rows = tuple((tuple(int(d) for d in s.shape if d is not None), np.dtype(s.dtype).str) for s in specs)
+        self._rows = self.signature.row_specs()
         self.buckets = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size]
         if self.buckets[-1] != max_batch_size:
             self.buckets.append(max_batch_size)

@@ -104,7 +104,7 @@ def get_plan(model: ModelFile, **kwargs: Any) -> TunedPlan:
 
 
 def synthetic_inputs(signature: Signature, rows: int, seed: int = 0) -> Any:
-    if signature.inputs is None or any(d is None for s in signature.inputs for d in s.shape):
+    if signature.inputs is None or not signature.fixed:
         raise InputError("Expected fixed per-row input shapes to tune on synthetic rows. Received: undeclared or variable shapes; use engine='keras'.")
     rng = np.random.default_rng(seed)
     arrays = {}
@@ -195,7 +195,7 @@ def tune(
     if onnx is not None:
         b_onnx = default_batch_size(row_bytes, "cpu", "onnx")
         engine = OnnxEngine(str(onnx.path), onnx.meta, threads=cores, gpu=False)
-        rows_key = tuple((tuple(int(d) for d in s.shape if d is not None), np.dtype(s.dtype).str) for s in signature.inputs or ())
+        rows_key = signature.row_specs()
 
         def in_process(x: Any, batch: int) -> None:
             key = (batch, rows_key)
