@@ -63,8 +63,12 @@ class TunedPlan:
     def describe(self) -> str:
         text = f"engine {self.engine}, {self.workers} worker(s) x {self.threads_per_worker} thread(s), batch {self.batch_size}, {self.rows_per_s:,.0f} rows/s"
         if self.in_process_rows_per_s:
-            crossover = self.start_s / max(1e-12, 1 / self.in_process_rows_per_s - 1 / self.rows_per_s) if self.in_process_rows_per_s < self.rows_per_s else float("inf")
-            text += f"; in-process ONNX {self.in_process_rows_per_s:,.0f} rows/s, used below {crossover:,.0f} rows"
+            text += f"; in-process ONNX {self.in_process_rows_per_s:,.0f} rows/s, used by one-shot calls "
+            if self.in_process_rows_per_s < self.rows_per_s:
+                crossover = self.start_s / (1 / self.in_process_rows_per_s - 1 / self.rows_per_s)
+                text += f"below {crossover:,.0f} rows"
+            else:
+                text += "of any size (it is faster than workers here)"
         return text + (f" ({self.note})" if self.note else "")
 
 
