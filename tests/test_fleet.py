@@ -156,3 +156,11 @@ def test_worker_environment_has_thread_budget(fleet):
         with open(f"/proc/{pid}/environ", "rb") as f:
             env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
         assert env[b"OMP_NUM_THREADS"] == b"1" and env[b"TF_NUM_INTRAOP_THREADS"] == b"1"
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(fleet, x, capsys):
+    fleet.predict(x)  # stderr is not a terminal under pytest: silent by default
+    assert "rows" not in capsys.readouterr().err
+    fleet.predict(x, progress=True)
+    err = capsys.readouterr().err
+    assert "kerasfleet" in err and "100%" in err and "rows/s" in err  # rate, and ETA while running

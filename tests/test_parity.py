@@ -5,7 +5,7 @@ import pytest
 import kerasfleet
 from conftest import BACKENDS, assert_same, load_x, load_y
 
-MODELS = ["mlp", "multi_input", "multi_output", "batchnorm_dropout", "embedding", "custom_layer"]
+MODELS = ["mlp", "multi_input", "multi_output", "batchnorm_dropout", "embedding", "custom_layer", "not_exportable"]
 
 
 @pytest.mark.parametrize("name", MODELS)

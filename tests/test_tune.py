@@ -77,3 +77,17 @@ def test_failed_export_falls_back_to_keras_with_the_reason(folder, monkeypatch, 
     assert fallback.in_process_rows_per_s is None and not fallback.use_in_process(1)
     got = kerasfleet.predict(folder / "embedding.keras", load_x(folder, "embedding"), backend="jax")
     np.testing.assert_allclose(got, load_y(folder, "embedding")["output_0"], rtol=1e-5, atol=1e-6)
+
+
+def test_model_that_cannot_be_exported_gets_keras_and_a_warning(folder):
+    # A real export failure: the FFT layer exports to a graph ONNX Runtime refuses to load.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = kerasfleet.predict(folder / "not_exportable.keras", load_x(folder, "not_exportable"), backend="jax")
+    assert_same(got, load_y(folder, "not_exportable"))
+    reasons = [str(w.message) for w in caught if "ONNX not used" in str(w.message)]
+    assert reasons and "The ONNX export failed" in reasons[0]
+    plan = cached_plan(resolve_model(folder / "not_exportable.keras"), "jax")
+    assert plan.engine == "keras" and "ONNX not used" in plan.note and plan.in_process_rows_per_s is None
+    with pytest.raises(kerasfleet.ModelLoadError, match="The ONNX export failed"):
+        kerasfleet.predict(folder / "not_exportable.keras", load_x(folder, "not_exportable"), engine="onnx")

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zoo_layers import ScaledDense  # noqa: E402
+from zoo_layers import ScaledDense, SpectrumMagnitude  # noqa: E402
 
 ROWS = 3001  # not a multiple of any batch size: the last batch is padded
 
@@ -68,7 +68,12 @@ def custom_layer():
     return keras.Model(inp, keras.layers.Dense(3)(ScaledDense(8, scale=1.5)(inp))), {"x": "float32"}
 
 
-BUILDERS = {f.__name__: f for f in (mlp, multi_input, multi_output, batchnorm_dropout, embedding, custom_layer)}
+def not_exportable():
+    inp = keras.Input((16,), name="signal")
+    return keras.Model(inp, keras.layers.Dense(3)(SpectrumMagnitude()(inp))), {"signal": "float32"}
+
+
+BUILDERS = {f.__name__: f for f in (mlp, multi_input, multi_output, batchnorm_dropout, embedding, custom_layer, not_exportable)}
 
 
 def inputs_for(model, dtypes, rng):
