@@ -91,3 +91,20 @@ def test_model_that_cannot_be_exported_gets_keras_and_a_warning(folder):
     assert plan.engine == "keras" and "ONNX not used" in plan.note and plan.in_process_rows_per_s is None
     with pytest.raises(kerasfleet.ModelLoadError, match="The ONNX export failed"):
         kerasfleet.predict(folder / "not_exportable.keras", load_x(folder, "not_exportable"), engine="onnx")
+
+
+def test_in_memory_model_saved_again_finds_its_plan(folder):
+    import time
+
+    import keras
+
+    model = keras.saving.load_model(folder / "mlp.keras")
+    first = resolve_model(model)
+    time.sleep(1.1)  # the .keras metadata records the save time to the second
+    second = resolve_model(model)
+    try:
+        assert first.path.read_bytes() != second.path.read_bytes()
+        assert plan_path(first, "jax") == plan_path(second, "jax")
+    finally:
+        first.cleanup()
+        second.cleanup()

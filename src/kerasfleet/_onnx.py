@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import traceback
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,24 @@ def cache_dir() -> Path:
 
 
 def model_hash(path: Path) -> str:
+    """The model's identity: for a .keras zip its config and weights, not the save date.
+
+    `metadata.json` records when the file was saved, so an in-memory model saved again for each
+    call would otherwise never find its exported file or tuned plan.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            for name in sorted(zf.namelist()):
+                if name != "metadata.json":
+                    digest.update(name.encode())
+                    with zf.open(name) as f:
+                        for block in iter(lambda: f.read(1 << 20), b""):
+                            digest.update(block)
+    else:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()[:32]
 
 
