@@ -15,7 +15,7 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 
 HERE = Path(__file__).parent
-BACKENDS = ["jax", "tensorflow"]
+BACKENDS = ["jax", "tensorflow", "torch"]
 
 
 def leftovers():

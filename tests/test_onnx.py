@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import kerasfleet
-from conftest import BACKENDS, assert_clean, assert_same, load_x, load_y
+from conftest import assert_clean, assert_same, load_x, load_y
 from kerasfleet._model_file import resolve_model
 from kerasfleet._onnx import ExportRefused, cache_dir
 from kerasfleet._onnx import export as export_onnx
@@ -17,7 +17,7 @@ MODELS = ["mlp", "multi_input", "multi_output", "batchnorm_dropout", "embedding"
 
 
 @pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])  # files saved on either; the export itself runs on TF
 def test_onnx_matches_model_predict(zoo, backend, name):
     folder = zoo(backend)
     got = kerasfleet.predict(folder / f"{name}.keras", load_x(folder, name), engine="onnx", workers=2, progress=False)

@@ -1,4 +1,4 @@
-"""Outputs equal model.predict (rtol 1e-5, atol 1e-6) across the model zoo, on both backends."""
+"""Outputs equal model.predict (rtol 1e-5, atol 1e-6) across the model zoo, on JAX, TensorFlow and torch."""
 
 import pytest
 
