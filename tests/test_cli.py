@@ -50,4 +50,5 @@ def test_info_json(folder):
     facts = json.loads(result.stdout)
     assert facts["usable_cores"] == len(os.sched_getaffinity(0))
     assert facts["workers"] * facts["threads_per_worker"] <= facts["usable_cores"]
-    assert facts["batch_size"] == 1024 and facts["backend"] == "jax"
+    assert facts["batch_size"] == 1024 and facts["backend"] == "jax" and facts["engine"] == "auto"
+    assert facts["plan_in_force"].startswith(("engine ", "not measured yet"))

@@ -38,7 +38,9 @@ def test_repeated_calls_reuse_warm_workers(fleet, x, y):
     pids = fleet.pids
     for _ in range(3):
         np.testing.assert_allclose(fleet.predict(x, progress=False), y, rtol=1e-5, atol=1e-6)
-    assert fleet.pids == pids and fleet.stats()["restarts"] == 0
+    stats = fleet.stats()
+    assert fleet.pids == pids and stats["restarts"] == 0
+    assert stats["engine"] == "keras" and stats["batch_size"] == 128 and len(stats["workers"]) == 2
 
 
 def test_single_row_and_other_batch_sizes(fleet, x, y):

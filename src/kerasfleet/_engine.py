@@ -34,6 +34,12 @@ class Outputs:
     structure: str  # "single", "list" or "dict"
     specs: tuple[OutputSpec, ...]
 
+    def pack(self, arrays: Sequence[Any]) -> Any:
+        """One array per output -> what `model.predict` returns: an array, a list or a dict."""
+        if self.structure == "dict":
+            return {o.name: a for o, a in zip(self.specs, arrays)}
+        return list(arrays) if self.structure == "list" else arrays[0]
+
 
 class KerasEngine:
     def __init__(

@@ -299,13 +299,15 @@ class Fleet:
         self._finalizer()  # terminates stragglers, frees buffers, removes the temporary model
 
     def stats(self) -> dict[str, Any]:
-        """Workers (pid, ready), restarts so far, and the plan."""
+        """Workers (pid, ready, cores, GPU), restarts so far, the plan, engine and batch size."""
         return {
             "workers": [
                 {"pid": w.process.pid, "ready": w.ready, "cpus": list(w.slot.cpus), "gpu": w.slot.gpu} for w in self._workers
             ],
             "restarts": self.restarts,
             "plan": self.plan.describe(),
+            "engine": self.engine,
+            "batch_size": self.batch_size,
             "backend": self.backend,
         }
 

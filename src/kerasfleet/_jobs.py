@@ -166,11 +166,7 @@ class Job:
                 arrays = [np.array(a) for a in self._out_arrays]  # copied out before the unlink
         finally:
             self.release()
-        if self.outputs.structure == "dict":
-            return {o.name: a for o, a in zip(self.outputs.specs, arrays)}
-        if self.outputs.structure == "list":
-            return arrays
-        return arrays[0]
+        return self.outputs.pack(arrays)
 
     def release(self) -> None:
         """Give the shared memory back: reused if every chunk is done, else unlinked."""

@@ -113,6 +113,4 @@ def _in_process(fleet: Fleet, tuned: TunedPlan, sources: list[Source], batch_siz
         for a in arrays:
             a.flush()  # type: ignore[attr-defined]
         arrays = [np.load(p, mmap_mode="r") for p in _out_paths(out, outputs)]
-    if outputs.structure == "dict":
-        return {o.name: a for o, a in zip(outputs.specs, arrays)}
-    return list(arrays) if outputs.structure == "list" else arrays[0]
+    return outputs.pack(arrays)

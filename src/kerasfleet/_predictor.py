@@ -116,7 +116,7 @@ class Predictor:
                 part = [np.concatenate([p, np.zeros((size - m, *p.shape[1:]), p.dtype)]) for p in part]
             parts.append([o[:m] for o in self._run(size, part)])
         flat = parts[0] if len(parts) == 1 else [np.concatenate(cols) for cols in zip(*parts)]
-        result = self._structure(flat)
+        result = self._outputs.pack(flat)
         self._latencies.append(time.perf_counter() - started)
         self._calls += 1
         return result
@@ -127,13 +127,6 @@ class Predictor:
             return [x]  # the fast path: nothing to convert or check further
         sources = normalize_inputs(x, self.signature)
         return [np.asarray(s.array if s.array is not None else _load(s), dtype=s.dtype) for s in sources]
-
-    def _structure(self, flat: list[np.ndarray[Any, Any]]) -> Any:
-        if self._outputs.structure == "dict":
-            return {o.name: a for o, a in zip(self._outputs.specs, flat)}
-        if self._outputs.structure == "list":
-            return list(flat)
-        return flat[0]
 
     def stats(self) -> dict[str, Any]:
         """Calls, retraces since warm-up, and latency percentiles (ms) of the recorded calls."""
