@@ -15,6 +15,7 @@ is refused with the numbers, never used. ONNX workers then import only NumPy and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,8 +58,15 @@ def model_hash(path: Path) -> str:
     """The model's identity: for a .keras zip its config and weights, not the save date.
 
     `metadata.json` records when the file was saved, so an in-memory model saved again for each
-    call would otherwise never find its exported file or tuned plan.
+    call would otherwise never find its exported file or tuned plan. Both the plan and the
+    export look the hash up in one call, so it is remembered per file version.
     """
+    stat = os.stat(path)
+    return _hash_file(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_file(path: str, mtime_ns: int, size: int) -> str:
     digest = hashlib.sha256()
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:

@@ -16,6 +16,7 @@ the machine (usable cores, CPU model, backend, library versions), and reused fro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -72,6 +73,11 @@ class TunedPlan:
         return text + (f" ({self.note})" if self.note else "")
 
 
+@functools.lru_cache(maxsize=8)
+def _machine_facts(backend: str) -> str:
+    return json.dumps(machine_facts(backend), sort_keys=True)
+
+
 def machine_facts(backend: str) -> dict[str, Any]:
     cpu = platform.processor()
     try:
@@ -89,8 +95,8 @@ def machine_facts(backend: str) -> dict[str, Any]:
 
 
 def plan_path(model: ModelFile, backend: str) -> Path:
-    facts = json.dumps(machine_facts(backend), sort_keys=True)
-    machine = hashlib.sha256(facts.encode()).hexdigest()[:16]
+    # Read once per process: package metadata lookups cost milliseconds on every call otherwise.
+    machine = hashlib.sha256(_machine_facts(backend).encode()).hexdigest()[:16]
     return cache_dir() / "plans" / f"{model_hash(model.path)}-{machine}-v{_PLAN_FORMAT}.json"
 
 
