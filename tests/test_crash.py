@@ -16,7 +16,7 @@ import pytest
 
 import kerasfleet
 from conftest import HERE, assert_clean, load_x, load_y
-from kerasfleet._errors import RemoteTraceback
+from kerasfleet.errors import RemoteTraceback
 
 BACKEND = "jax"
 

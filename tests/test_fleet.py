@@ -7,7 +7,7 @@ import pytest
 
 import kerasfleet
 from conftest import load_x, load_y
-from kerasfleet._inputs import normalize_inputs
+from kerasfleet.prediction.inputs import normalize_inputs
 
 BACKEND = "jax"
 

@@ -5,7 +5,7 @@ import pytest
 
 import kerasfleet
 from conftest import assert_same, load_x, load_y
-from kerasfleet._model_file import resolve_model
+from kerasfleet.engines.model_file import resolve_model
 
 
 @pytest.fixture(scope="module")

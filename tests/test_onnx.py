@@ -9,9 +9,10 @@ import pytest
 
 import kerasfleet
 from conftest import assert_clean, assert_same, load_x, load_y
-from kerasfleet._model_file import resolve_model
-from kerasfleet._onnx import ExportRefused, cache_dir
-from kerasfleet._onnx import export as export_onnx
+from kerasfleet.engines.model_file import resolve_model
+from kerasfleet.cache import cache_dir
+from kerasfleet.engines.export import ExportRefused
+from kerasfleet.engines.export import export as export_onnx
 
 MODELS = ["mlp", "multi_input", "multi_output", "batchnorm_dropout", "embedding", "custom_layer"]
 

@@ -3,8 +3,8 @@
 import pytest
 
 from kerasfleet import InputError, make_plan
-from kerasfleet._jobs import default_batch_size
-from kerasfleet._plan import worker_environment
+from kerasfleet.engines import default_batch_size
+from kerasfleet.runtime import worker_environment
 
 GIB = 1 << 30
 
@@ -71,7 +71,7 @@ def test_bad_plans_are_refused(kwargs, message):
 
 
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
-    from kerasfleet._plan import visible_gpus
+    from kerasfleet.runtime import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     assert visible_gpus() == ("2", "5")

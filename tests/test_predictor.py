@@ -43,7 +43,7 @@ def test_multi_io_structure_and_dict_inputs(zoo):
 
 
 def test_auto_falls_back_to_keras_with_a_reason(zoo, monkeypatch):
-    import kerasfleet._onnx as onnx_module
+    import kerasfleet.engines.export as onnx_module
 
     def broken_export(*args, **kwargs):
         raise kerasfleet.ModelLoadError("exporter unavailable in this test")

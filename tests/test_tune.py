@@ -8,9 +8,9 @@ import pytest
 
 import kerasfleet
 from conftest import assert_same, load_x, load_y
-from kerasfleet._fleet import Fleet
-from kerasfleet._model_file import resolve_model
-from kerasfleet._tune import cached_plan, get_plan, plan_path, tune
+from kerasfleet import Fleet
+from kerasfleet.engines.model_file import resolve_model
+from kerasfleet.tune import cached_plan, get_plan, plan_path, tune
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_auto_fleet_uses_the_plan(folder, plan):
 
 
 def test_failed_export_falls_back_to_keras_with_the_reason(folder, monkeypatch, tmp_path):
-    import kerasfleet._onnx as onnx_module
+    import kerasfleet.engines.export as onnx_module
 
     monkeypatch.setenv("KERASFLEET_CACHE_DIR", str(tmp_path))
 

@@ -23,34 +23,47 @@ __all__ = [
     "InputError",
     "ModelLoadError",
     "Plan",
+    "TaskTimeoutError",
     "Predictor",
     "WorkerCrashedError",
     "WorkerError",
+    "WorkerStartError",
     "__version__",
     "make_plan",
     "predict",
 ]
 
 _LAZY = {
-    "Fleet": "._fleet",
-    "predict": "._predict",
-    "make_plan": "._plan",
-    "Predictor": "._predictor",
-    "Plan": "._plan",
-    "FleetError": "._errors",
-    "FleetClosedError": "._errors",
-    "InputError": "._errors",
-    "ModelLoadError": "._errors",
-    "WorkerError": "._errors",
-    "WorkerCrashedError": "._errors",
+    "Fleet": ".prediction.fleet",
+    "predict": ".prediction.api",
+    "Predictor": ".prediction.predictor",
+    "make_plan": ".runtime.plan",
+    "Plan": ".runtime.plan",
+    "FleetError": ".errors",
+    "FleetClosedError": ".errors",
+    "InputError": ".errors",
+    "ModelLoadError": ".errors",
+    "TaskTimeoutError": ".errors",
+    "WorkerError": ".errors",
+    "WorkerCrashedError": ".errors",
+    "WorkerStartError": ".errors",
 }
 
 if TYPE_CHECKING:
-    from ._errors import FleetClosedError, FleetError, InputError, ModelLoadError, WorkerCrashedError, WorkerError
-    from ._fleet import Fleet
-    from ._plan import Plan, make_plan
-    from ._predict import predict
-    from ._predictor import Predictor
+    from .errors import (
+        FleetClosedError,
+        FleetError,
+        InputError,
+        ModelLoadError,
+        TaskTimeoutError,
+        WorkerCrashedError,
+        WorkerError,
+        WorkerStartError,
+    )
+    from .prediction.api import predict
+    from .prediction.fleet import Fleet
+    from .prediction.predictor import Predictor
+    from .runtime.plan import Plan, make_plan
 
 
 def __getattr__(name: str) -> Any:
@@ -63,4 +76,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted(set(globals()) | set(__all__))

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ._model_file import resolve_model
-from ._tune import get_plan, synthetic_inputs
+from ..engines.model_file import resolve_model
+from ..prediction import Fleet, Predictor
+from ..tune import get_plan, synthetic_inputs
 
 
 def _times(fn: Any, calls: int) -> np.ndarray[Any, Any]:
@@ -41,14 +42,20 @@ def _first_and_second(fn: Any) -> tuple[float, float]:
     return first * 1e3, (time.perf_counter() - started) * 1e3
 
 
-def profile(model_path: str, *, batch_sizes: tuple[int, ...] = (1, 32, 256), calls: int = 200, out_dir: Path | None = None, backend: str, echo: Any = print) -> Path:
+def profile(
+    model_path: str,
+    *,
+    batch_sizes: tuple[int, ...] = (1, 32, 256),
+    calls: int = 200,
+    out_dir: Path | None = None,
+    backend: str,
+    echo: Any = print,
+) -> Path:
     import keras
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ._predictor import Predictor
 
     model_file = resolve_model(model_path)
     signature = model_file.signature
@@ -83,7 +90,7 @@ def profile(model_path: str, *, batch_sizes: tuple[int, ...] = (1, 32, 256), cal
         for name, fn in paths.items():
             n = min(calls, 100) if name == "model.predict" else calls
             results.setdefault(name, {})[b] = _times(fn, n)
-    plan = get_plan(model_file, backend=backend)
+    plan = get_plan(model_file, backend=backend, fleet_factory=Fleet)
 
     header = f"{'path':<26} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9} {'rows/s':>12}"
     lines = [header, "-" * len(header)]

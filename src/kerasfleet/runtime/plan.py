@@ -15,14 +15,12 @@ libraries get the thread count through their environment variables, set before i
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._errors import InputError
+from ..errors import InputError
+from .machine import available_memory, usable_cpus, visible_gpus
 
 # A worker that imported Keras and a backend holds roughly this much before any model; used only
 # to cap the default worker count on small-memory machines.
@@ -55,39 +53,6 @@ class Plan:
         )
 
 
-def usable_cpus() -> tuple[int, ...]:
-    try:
-        return tuple(sorted(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return tuple(range(os.cpu_count() or 1))
-
-
-def visible_gpus() -> tuple[str, ...]:
-    """GPU ids the workers may use, without importing any framework."""
-    declared = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if declared is not None:
-        ids = [d.strip() for d in declared.split(",") if d.strip()]
-        return tuple(d for d in ids if d != "-1" and not d.startswith("-"))
-    if shutil.which("nvidia-smi") is None:
-        return ()
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    return tuple(str(i) for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU ")))
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def make_plan(
     workers: int | None = None,
     threads_per_worker: int | None = None,
@@ -112,7 +77,9 @@ def make_plan(
         device, chosen = "cpu", ()
     elif devices == "gpu":
         if not gpu_list:
-            raise InputError("Expected at least one visible GPU for devices='gpu'. Received: none (nvidia-smi and CUDA_VISIBLE_DEVICES show no GPU).")
+            raise InputError(
+                "Expected at least one visible GPU for devices='gpu'. Received: none (nvidia-smi and CUDA_VISIBLE_DEVICES show no GPU)."
+            )
         device, chosen = "gpu", gpu_list
     elif isinstance(devices, Sequence) and not isinstance(devices, str) and devices:
         wanted = [str(d) for d in devices]
@@ -142,6 +109,18 @@ def make_plan(
         t, n = threads_per_worker, max(1, ncpu // threads_per_worker)
     else:
         n, t = workers, threads_per_worker or max(1, ncpu // workers)
+    if device == "cpu" and memory and (workers is not None or threads_per_worker is not None):
+        fits = max(1, int(memory * 0.75) // WORKER_MEMORY_ESTIMATE)
+        if n > fits:
+            # An explicit count is the user's call, but it must not pass silently into swapping
+            # or the out-of-memory killer.
+            warnings.warn(
+                f"{n} workers need about {n * WORKER_MEMORY_ESTIMATE / (1 << 30):.0f} GiB (1 GiB each with a framework loaded), "
+                f"more than three quarters of the {memory / (1 << 30):.1f} GiB available; expect swapping or the "
+                f"out-of-memory killer. At most {fits} fit; pass workers={fits} or fewer.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     oversubscribed = n * t > ncpu
     if oversubscribed:
@@ -176,6 +155,8 @@ def worker_environment(slot: WorkerSlot, backend: str, any_gpu: bool) -> dict[st
         # Several processes share a GPU host: never let one grab all of a device's memory.
         "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+        # GPU ids mean what nvidia-smi shows (CUDA's default order is fastest-first).
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
     }
     if slot.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.gpu

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ._buffers import BufferSpec
-from ._errors import InputError
-from ._model_file import Signature, TensorSpec
+from ..engines.model_file import Signature, TensorSpec
+from ..errors import InputError
+from ..runtime import BufferSpec
 
 _ALLOWED_KINDS = "biuf"
 
@@ -130,11 +130,11 @@ def _check_one(name: str, src: Any, spec: TensorSpec | None) -> Source:
         shape, dtype = src.shape, src.dtype
     if dtype.kind == "O" or dtype.kind not in _ALLOWED_KINDS:
         hint = " (ragged rows? pad them to one length)" if dtype.kind == "O" else ""
+        raise InputError(f"Expected input {name!r} to hold numbers (bool, int, uint or float). Received: dtype {dtype}{hint}.")
+    if len(shape) == 0:
         raise InputError(
-            f"Expected input {name!r} to hold numbers (bool, int, uint or float). Received: dtype {dtype}{hint}."
+            f"Expected input {name!r} to have a batch axis (rows first). Received: a scalar of shape (). Pass np.array([value])."
         )
-    if len(shape) == 0 or shape[0] == 0:
-        raise InputError(f"Expected input {name!r} to have at least one row. Received: shape {tuple(shape)}.")
     target = _target_dtype(name, dtype, spec)
     if spec is not None:
         shape = _check_shape(name, tuple(shape), spec)
@@ -252,4 +252,3 @@ def _npy_source(f: Any, path: str, label: str) -> Source:
     offset = f.tell()  # absolute: the .npy file itself, or the raw .npz positioned at the member
     spec = BufferSpec("file", path, int(offset), dtype.str, tuple(shape), False)
     return Source(name=label, dtype=dtype, array=None, file=spec, shape=tuple(shape))
-

@@ -19,21 +19,38 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from ._errors import FleetError, InputError
-from ._model_file import ModelFile, Signature
-from ._onnx import cache_dir, model_hash
-from ._plan import usable_cpus
+from ..cache import cache_dir, locked, model_hash, write_atomic
+from ..engines import default_batch_size
+from ..engines.export import export
+from ..engines.model_file import ModelFile, Signature
+from ..engines.onnx_engine import OnnxEngine
+from ..engines.runner import Runner
+from ..errors import FleetError, InputError
+from ..runtime import make_plan, usable_cpus
+
+
+class FleetLike(Protocol):
+    """What the trial needs of a fleet; `prediction.Fleet` is passed in by the layer above."""
+
+    def wait_ready(self, timeout: float | None = None) -> None: ...
+
+    def predict(self, x: Any, *, batch_size: int | None = None, progress: bool | None = None) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+FleetFactory = Callable[..., FleetLike]
 
 DEFAULT_TRIAL_S = 8.0
 _PLAN_FORMAT = 1
@@ -91,7 +108,13 @@ def machine_facts(backend: str) -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
-    return {"cores": len(usable_cpus()), "cpu": cpu, "backend": backend, "python": platform.python_version(), "versions": versions}
+    return {
+        "cores": len(usable_cpus()),
+        "cpu": cpu,
+        "backend": backend,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def plan_path(model: ModelFile, backend: str) -> Path:
@@ -109,18 +132,26 @@ def cached_plan(model: ModelFile, backend: str) -> TunedPlan | None:
 
 
 def get_plan(model: ModelFile, **kwargs: Any) -> TunedPlan:
-    """The cached plan for this model and machine, or a fresh trial's."""
-    return cached_plan(model, kwargs["backend"]) or tune(model, **kwargs)
+    """The cached plan for this model and machine, or a fresh trial's (one process at a time)."""
+    plan = cached_plan(model, kwargs["backend"])
+    if plan is not None:
+        return plan
+    with locked(plan_path(model, kwargs["backend"])):
+        return cached_plan(model, kwargs["backend"]) or tune(model, **kwargs)
 
 
 def synthetic_inputs(signature: Signature, rows: int, seed: int = 0) -> Any:
     if signature.inputs is None or not signature.fixed:
-        raise InputError("Expected fixed per-row input shapes to tune on synthetic rows. Received: undeclared or variable shapes; use engine='keras'.")
+        raise InputError(
+            "Expected fixed per-row input shapes to tune on synthetic rows. Received: undeclared or variable shapes; use engine='keras'."
+        )
     rng = np.random.default_rng(seed)
     arrays = {}
     for spec in signature.inputs:
         shape = (rows, *[int(d) for d in spec.shape if d is not None])
-        arrays[spec.name] = np.zeros(shape, spec.dtype) if np.dtype(spec.dtype).kind in "iub" else rng.normal(size=shape).astype(spec.dtype)
+        arrays[spec.name] = (
+            np.zeros(shape, spec.dtype) if np.dtype(spec.dtype).kind in "iub" else rng.normal(size=shape).astype(spec.dtype)
+        )
     if signature.structure == "dict":
         return arrays
     return list(arrays.values()) if signature.structure == "list" else next(iter(arrays.values()))
@@ -131,15 +162,21 @@ def _row_bytes(signature: Signature) -> int:
     return sum(int(np.prod([d or 1 for d in s.shape])) * np.dtype(s.dtype).itemsize for s in signature.inputs)
 
 
-def _timed_rates(run: Any, signature: Signature, batches: list[int]) -> dict[int, float]:
+def trial_rows(row_bytes: int, batches: list[int], workers: int) -> int:
+    """Most rows the trial copies per timed call: about 64 MB of input, but never so few that
+    a large fleet idles - every worker gets at least four chunks of the largest batch."""
+    return max(batches) * 2 + _MAX_TRIAL_BYTES // max(1, row_bytes) + 4 * workers * max(batches)
+
+
+def _timed_rates(run: Any, signature: Signature, batches: list[int], workers: int = 1) -> dict[int, float]:
     """Rows/s of `run(x, batch)` per batch size on synthetic rows, each timed about _TIMED_RUN_S.
 
     Every batch size is warmed first, then timed in alternating rounds and the best round kept:
     a neighbour's burst on a shared machine only ever slows a run, and alternating keeps the
     first-measured candidate from paying for the machine settling down.
     """
-    cap = max(batches) * 2 + _MAX_TRIAL_BYTES // max(1, _row_bytes(signature))
-    rows = min(cap, 8 * max(batches))
+    cap = trial_rows(_row_bytes(signature), batches, workers)
+    rows = min(cap, max(8, 4 * workers) * max(batches))
     x = synthetic_inputs(signature, rows)
     for batch in batches:
         run(x, batch)
@@ -166,35 +203,59 @@ def tune(
     safe_mode: bool = True,
     seconds: float = DEFAULT_TRIAL_S,
     verbose: bool = False,
+    fleet_factory: FleetFactory,
 ) -> TunedPlan:
-    """Run the trial, store the plan, return it. Takes `seconds` plus the slowest start-up."""
-    from ._engine import OnnxEngine
-    from ._fleet import Fleet
-    from ._jobs import default_batch_size
-    from ._onnx import export
+    """Run the trial, store the plan, return it. Takes `seconds` plus the slowest start-up.
 
+    It always measures CPU workers (`devices="cpu"`), also on a GPU machine.
+    """
     signature = model.signature
     synthetic_inputs(signature, 1)  # refuses what cannot be tuned, before anything starts
     cores = len(usable_cpus())
+    # The default split respects the memory cap: as many 1-thread workers as fit.
+    wide = make_plan(devices="cpu").workers
     row_bytes = _row_bytes(signature)
     began = time.perf_counter()
     table: list[dict[str, Any]] = []
     note = ""
 
     def record(where: str, engine: str, workers: int, threads: int, batch: int, rate: float, start_s: float) -> None:
-        row = {"where": where, "engine": engine, "workers": workers, "threads": threads, "batch_size": batch, "rows_per_s": round(rate, 1), "start_s": round(start_s, 3)}
+        row = {
+            "where": where,
+            "engine": engine,
+            "workers": workers,
+            "threads": threads,
+            "batch_size": batch,
+            "rows_per_s": round(rate, 1),
+            "start_s": round(start_s, 3),
+        }
         table.append(row)
         if verbose:
-            print(f"  {where:<10} {engine:<6} {workers} x {threads}  batch {batch:<5} {rate:>14,.0f} rows/s  start {start_s:.2f} s", flush=True)
+            print(
+                f"  {where:<10} {engine:<6} {workers} x {threads}  batch {batch:<5} {rate:>14,.0f} rows/s  start {start_s:.2f} s",
+                flush=True,
+            )
 
     def fleet_candidate(engine: str, workers: int, threads: int, batches: list[int]) -> None:
         started = time.perf_counter()
-        with Fleet(model.path, engine=engine, workers=workers, threads_per_worker=threads, backend=backend, custom_objects=custom_objects, safe_mode=safe_mode) as fleet:
+        fleet = fleet_factory(
+            model.path,
+            engine=engine,
+            workers=workers,
+            threads_per_worker=threads,
+            devices="cpu",
+            backend=backend,
+            custom_objects=custom_objects,
+            safe_mode=safe_mode,
+        )
+        try:
             fleet.wait_ready()
             start_s = time.perf_counter() - started
-            rates = _timed_rates(lambda x, b: fleet.predict(x, batch_size=b, progress=False), signature, batches)
-            for batch, rate in rates.items():
-                record("workers", engine, workers, threads, batch, rate, start_s)
+            rates = _timed_rates(lambda x, b: fleet.predict(x, batch_size=b, progress=False), signature, batches, workers)
+        finally:
+            fleet.close()
+        for batch, rate in rates.items():
+            record("workers", engine, workers, threads, batch, rate, start_s)
 
     onnx = None
     try:
@@ -204,22 +265,20 @@ def tune(
         warnings.warn(f"kerasfleet: {note}", RuntimeWarning, stacklevel=2)
     if onnx is not None:
         b_onnx = default_batch_size(row_bytes, "cpu", "onnx")
-        engine = OnnxEngine(str(onnx.path), onnx.meta, threads=cores, gpu=False)
+        runner = Runner(OnnxEngine(str(onnx.path), onnx.meta, threads=cores, gpu=False))
         rows_key = signature.row_specs()
 
         def in_process(x: Any, batch: int) -> None:
-            key = (batch, rows_key)
             arrays = [x] if not isinstance(x, (dict, list)) else list(x.values()) if isinstance(x, dict) else x
-            outs = [np.empty((len(arrays[0]), *o.shape), o.dtype) for o in engine.outputs(key).specs]
-            engine.predict_rows(key, arrays, outs, 0, len(arrays[0]))
+            runner.predict((batch, rows_key), arrays)
 
         for batch, rate in _timed_rates(in_process, signature, sorted({b_onnx, min(4096, b_onnx * 4)})).items():
             record("in-process", "onnx", 1, cores, batch, rate, 0.0)
-        del engine
-        fleet_candidate("onnx", cores, 1, sorted({b_onnx, min(4096, b_onnx * 4)}))
+        del runner
+        fleet_candidate("onnx", wide, 1, sorted({b_onnx, min(4096, b_onnx * 4)}))
         if cores > 1 and time.perf_counter() - began < seconds:
             fleet_candidate("onnx", 1, cores, [b_onnx])
-    fleet_candidate("keras", cores, 1, [default_batch_size(row_bytes, "cpu", "keras")])
+    fleet_candidate("keras", wide, 1, [default_batch_size(row_bytes, "cpu", "keras")])
 
     fleets = [r for r in table if r["where"] == "workers"]
     best = max(fleets, key=lambda r: r["rows_per_s"])
@@ -237,9 +296,5 @@ def tune(
         table=table,
         machine=machine_facts(backend),
     )
-    path = plan_path(model, backend)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(plan), indent=1))
-    os.replace(tmp, path)
+    write_atomic(plan_path(model, backend), json.dumps(asdict(plan), indent=1))
     return plan

@@ -15,20 +15,16 @@ is refused with the numbers, never used. ONNX workers then import only NumPy and
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
-import pickle
-import traceback
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._bootstrap import spawn_environment
-from ._errors import ModelLoadError, RemoteTraceback
-from ._model_file import ModelFile
+from ..cache import cache_dir, model_hash
+from ..errors import ModelLoadError, RemoteTraceback, WorkerError
+from ..runtime import RECORD, LocalWorker, Supervisor, WorkerInit, WorkerSlot
+from .model_file import ModelFile, Signature
 
 # ONNX Runtime and XLA/TF kernels sum in different orders: float32 results agree to about 1e-6
 # relative; a real conversion error is orders of magnitude larger.
@@ -49,40 +45,6 @@ class OnnxModel:
     meta: dict[str, Any]
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("KERASFLEET_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "kerasfleet")
-    return Path(root)
-
-
-def model_hash(path: Path) -> str:
-    """The model's identity: for a .keras zip its config and weights, not the save date.
-
-    `metadata.json` records when the file was saved, so an in-memory model saved again for each
-    call would otherwise never find its exported file or tuned plan. Both the plan and the
-    export look the hash up in one call, so it is remembered per file version.
-    """
-    stat = os.stat(path)
-    return _hash_file(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _hash_file(path: str, mtime_ns: int, size: int) -> str:
-    digest = hashlib.sha256()
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            for name in sorted(zf.namelist()):
-                if name != "metadata.json":
-                    digest.update(name.encode())
-                    with zf.open(name) as f:
-                        for block in iter(lambda: f.read(1 << 20), b""):
-                            digest.update(block)
-    else:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:32]
-
-
 def export(
     model: ModelFile,
     *,
@@ -93,7 +55,6 @@ def export(
     atol: float = ATOL,
 ) -> OnnxModel:
     """The checked ONNX file for `model`, from the cache or exported now (a few seconds)."""
-    import multiprocessing as mp
 
     # The tolerance is part of the key: a stricter check must run again, not reuse a pass.
     key = f"{model_hash(model.path)}-v{_FORMAT}-r{rtol:g}-a{atol:g}"
@@ -102,27 +63,7 @@ def export(
     if not (onnx_path.is_file() and meta_path.is_file()):
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f"{key}.{os.getpid()}.tmp.onnx"
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe(duplex=False)
-        env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-        args = pickle.dumps((str(model.path), str(tmp), custom_objects, model.signature, safe_mode, rtol, atol))
-        process = ctx.Process(target=_export_entry, args=(child, env, args), name="kerasfleet-export", daemon=True)
-        with spawn_environment(env):
-            process.start()
-        child.close()
-        try:
-            if not parent.poll(EXPORT_TIMEOUT_S):
-                raise ModelLoadError(f"Expected the ONNX export to finish within {EXPORT_TIMEOUT_S:.0f} s. Received: no answer.")
-            try:
-                result = parent.recv()
-            except EOFError:
-                process.join(5)
-                raise ModelLoadError(f"The ONNX export process died (exit code {process.exitcode}).") from None
-        finally:
-            if process.is_alive():
-                process.kill()
-            process.join(10)
-            parent.close()
+        result = _run_export(ExportTask(str(model.path), str(tmp), custom_objects, model.signature, safe_mode, rtol, atol))
         if result[0] == "refused":
             tmp.unlink(missing_ok=True)
             raise ExportRefused(result[1])
@@ -140,18 +81,64 @@ def export(
     return OnnxModel(onnx_path, meta)
 
 
-def _export_entry(conn: Any, env: dict[str, str], args: bytes) -> None:
-    import warnings
+@dataclass(frozen=True)
+class ExportTask:
+    model_path: str
+    out: str
+    custom_objects: dict[str, Any] | None
+    signature: Signature
+    safe_mode: bool
+    rtol: float
+    atol: float
 
-    os.environ.update(env)
-    warnings.filterwarnings("ignore")  # tf2onnx's deprecation noise is not the user's concern
+
+class ExportHandler:
+    """The export worker's handler (runtime task handler): one ExportTask per call."""
+
+    info: dict[str, Any] = {}
+
+    def __init__(self, config: Any = None) -> None:
+        import warnings
+
+        warnings.filterwarnings("ignore")  # tf2onnx's deprecation noise is not the user's concern
+
+    def attach(self, context_id: int, payload: Any) -> None:
+        pass
+
+    def detach(self, context_id: int) -> None:
+        pass
+
+    def run(self, task: ExportTask) -> tuple[Any, ...]:
+        return _export_in_process(
+            task.model_path, task.out, task.custom_objects, task.signature, task.safe_mode, task.rtol, task.atol
+        )
+
+
+def export_handler(config: Any) -> ExportHandler:
+    return ExportHandler(config)
+
+
+def _run_export(task: ExportTask) -> tuple[Any, ...]:
+    """Run the export in a fresh worker of the runtime on the TensorFlow backend, CPU only."""
+    env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    init = WorkerInit("kerasfleet.engines.export:export_handler", None)
+    supervisor = Supervisor(
+        lambda slot: LocalWorker(slot, init, env),
+        (WorkerSlot(0, (), 1, None),),
+        start_timeout=EXPORT_TIMEOUT_S,
+        max_start_failures=1,
+        name="kerasfleet-export",
+    )
     try:
-        conn.send(_export_in_process(*pickle.loads(args)))
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
-        conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        result: tuple[Any, ...] = supervisor.submit(
+            task, retry=RECORD, timeout=EXPORT_TIMEOUT_S, label="exporting the model to ONNX"
+        ).result()
+        return result
+    except WorkerError as exc:
+        cause = exc.__cause__
+        return ("error", str(exc), cause.tb if isinstance(cause, RemoteTraceback) else "")
     finally:
-        conn.close()
-        os._exit(0)  # skip TensorFlow's slow teardown
+        supervisor.close()
 
 
 def _export_in_process(
@@ -167,7 +154,11 @@ def _export_in_process(
         importlib.import_module(module)
     model = keras.saving.load_model(model_path, custom_objects=custom_objects, safe_mode=safe_mode, compile=False)
     if signature.inputs is None:
-        return ("error", "Expected a model with declared inputs (Functional or Sequential) for ONNX export. Received: a subclassed model.", "")
+        return (
+            "error",
+            "Expected a model with declared inputs (Functional or Sequential) for ONNX export. Received: a subclassed model.",
+            "",
+        )
     rng = np.random.default_rng(0)
     sample = {}
     for spec in signature.inputs:

@@ -10,38 +10,17 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._errors import InputError
-
-Key = tuple[int, tuple[tuple[tuple[int, ...], str], ...]]  # (batch size, ((row shape, dtype), ...))
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    name: str
-    shape: tuple[int, ...]  # per row
-    dtype: str
-
-
-@dataclass(frozen=True)
-class Outputs:
-    """How `model.predict` shapes the outputs: one array, a list, or a dict keyed by name."""
-
-    structure: str  # "single", "list" or "dict"
-    specs: tuple[OutputSpec, ...]
-
-    def pack(self, arrays: Sequence[Any]) -> Any:
-        """One array per output -> what `model.predict` returns: an array, a list or a dict."""
-        if self.structure == "dict":
-            return {o.name: a for o, a in zip(self.specs, arrays)}
-        return list(arrays) if self.structure == "list" else arrays[0]
+from ..errors import InputError
+from .base import Key, Outputs, OutputSpec, real_dtype
 
 
 class KerasEngine:
+    name = "keras"
+
     def __init__(
         self,
         model_path: str,
@@ -63,13 +42,21 @@ class KerasEngine:
         if model is None:
             model = keras.saving.load_model(model_path, custom_objects=custom_objects, safe_mode=safe_mode, compile=False)
         self.model = model
-        # Python bodies of compiled functions run only while tracing: counting them counts traces.
+        # Python bodies of compiled functions run only while tracing: counting them counts traces
+        # (JAX, TF). Torch runs eagerly: there a new input shape is the event that costs a
+        # first-call setup, so the torch forward counts the shapes it has not seen.
         self.python_traces = 0
+        self._torch_shapes: set[tuple[tuple[int, ...], ...]] = set()
         self.input_structure = input_structure
         self.input_names = list(input_names) if input_names is not None else None
-        self._compiled: dict[Key, tuple[Callable[[list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]]] = {}
-        self.traces = 0
+        self._compiled: dict[
+            Key, tuple[Callable[[list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]]
+        ] = {}
         self._outputs: dict[Key, Outputs] = {}
+
+    @property
+    def traces(self) -> int:
+        return self.python_traces
 
     # -- building --------------------------------------------------------------------------
     def _pack(self, arrays: list[Any]) -> Any:
@@ -102,9 +89,10 @@ class KerasEngine:
                 return y
 
             jitted = jax.jit(forward)
-            tv = [v.value for v in model.trainable_variables]
-            ntv = [v.value for v in model.non_trainable_variables]
-            return lambda x: jitted(tv, ntv, x)
+            trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
+            # The weights are read at every call, not captured once: an in-memory model trained
+            # further after the engine was built must predict with its new weights.
+            return lambda x: jitted([v.value for v in trainable], [v.value for v in non_trainable], x)
         if self.backend == "tensorflow":
             import tensorflow as tf
 
@@ -118,13 +106,20 @@ class KerasEngine:
             import torch
 
             def torch_call(x: Any) -> Any:
+                arrays = x.values() if isinstance(x, dict) else x if isinstance(x, list) else [x]
+                shapes = tuple(tuple(a.shape) for a in arrays)
+                if shapes not in self._torch_shapes:
+                    self._torch_shapes.add(shapes)
+                    self.python_traces += 1
                 with torch.inference_mode():
                     return model(x, training=False)
 
             return torch_call
         return lambda x: model(x, training=False)
 
-    def compiled(self, key: Key) -> tuple[Callable[[list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]]:
+    def compiled(
+        self, key: Key
+    ) -> tuple[Callable[[list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]]:
         """The function for `key` and its staging buffers; built and warmed on first use."""
         if key not in self._compiled:
             batch_size, rows = key
@@ -132,19 +127,24 @@ class KerasEngine:
             staging = [np.zeros((batch_size, *shape), dtype=np.dtype(dtype)) for shape, dtype in rows]
             convert = self.keras.ops.convert_to_numpy
 
+            def to_numpy(o: Any) -> np.ndarray[Any, Any]:
+                a = np.asarray(convert(o))
+                return a if a.dtype.kind in "biuf" else a.astype(real_dtype(a.dtype))  # bfloat16 -> float32
+
             def run(arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-                return [np.asarray(convert(o)) for o in self._flatten(fn(self._pack(arrays)))[2]]
+                return [to_numpy(o) for o in self._flatten(fn(self._pack(arrays)))[2]]
 
             # Trace and compile now, not inside the first chunk; learn the outputs on the way.
             structure, names, flat = self._flatten(fn(self._pack(staging)))
-            arrays = [np.asarray(convert(o)) for o in flat]
+            arrays = [to_numpy(o) for o in flat]
             if any(a.ndim == 0 or a.shape[0] != batch_size for a in arrays):
                 raise InputError(
                     f"Expected every model output to keep the batch axis ({batch_size} rows in). "
                     f"Received: output shapes {[a.shape for a in arrays]}."
                 )
-            self._outputs[key] = Outputs(structure, tuple(OutputSpec(n, a.shape[1:], a.dtype.str) for n, a in zip(names, arrays)))
-            self.traces += 1
+            self._outputs[key] = Outputs(
+                structure, tuple(OutputSpec(n, a.shape[1:], real_dtype(a.dtype).str) for n, a in zip(names, arrays))
+            )
             self._compiled[key] = (run, staging)
         return self._compiled[key]
 
@@ -183,63 +183,5 @@ class KerasEngine:
                     arrays.append(buf)
             results = run(arrays)
             for dst, res in zip(outputs, results):
-                dst[lo:hi] = res[:n]
-
-
-class OnnxEngine:
-    """ONNX Runtime in a worker: no Keras import, the worker's thread budget, full graph optimisation."""
-
-    backend = "onnxruntime"
-
-    def __init__(self, onnx_path: str, meta: dict[str, Any], *, threads: int, gpu: bool) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(onnx_path, options, providers=providers)
-        self.input_names: list[str] = list(meta["inputs"])
-        self.output_names: list[str] = list(meta["outputs"])
-        self.structure: str = meta["structure"]
-        self.names: list[str] = list(meta["output_names"])
-        self._outputs: dict[Key, Outputs] = {}
-        self._dtypes: dict[Key, list[np.dtype[Any]]] = {}
-        self.traces = 0
-        self.python_traces = 0  # ONNX Runtime never traces
-
-    def run_batch(self, key: Key, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-        return self._run(arrays)
-
-    def _run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-        return list(self.session.run(self.output_names, dict(zip(self.input_names, arrays))))
-
-    def outputs(self, key: Key) -> Outputs:
-        if key not in self._outputs:
-            batch_size, rows = key
-            self._dtypes[key] = [np.dtype(dtype) for _, dtype in rows]
-            results = self._run([np.zeros((batch_size, *shape), dtype=np.dtype(dtype)) for shape, dtype in rows])
-            self._outputs[key] = Outputs(self.structure, tuple(OutputSpec(n, r.shape[1:], r.dtype.str) for n, r in zip(self.names, results)))
-        return self._outputs[key]
-
-    def predict_rows(
-        self,
-        key: Key,
-        inputs: list[np.ndarray[Any, Any]],
-        outputs: list[np.ndarray[Any, Any]],
-        start: int,
-        stop: int,
-    ) -> None:
-        self.outputs(key)
-        dtypes = self._dtypes[key]
-        batch = key[0]
-        for lo in range(start, stop, batch):
-            hi = min(lo + batch, stop)
-            # ONNX Runtime takes any batch size: the last batch runs unpadded.
-            arrays = [np.ascontiguousarray(src[lo:hi], dtype=dtype) for src, dtype in zip(inputs, dtypes)]
-            for dst, res in zip(outputs, self._run(arrays)):
-                dst[lo:hi] = res
+                # bfloat16 (an ml_dtypes type) lands in the float32 buffer as real floats
+                dst[lo:hi] = res[:n] if res.dtype == dst.dtype else res[:n].astype(dst.dtype)

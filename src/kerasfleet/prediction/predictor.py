@@ -15,16 +15,20 @@ to its bucket, and records every call's latency, so `stats()` can show that noth
 from __future__ import annotations
 
 import time
-import warnings
 from collections import deque
 from typing import Any
 
 import numpy as np
 
-from ._engine import Key, Outputs
-from ._errors import FleetError, InputError
-from ._inputs import normalize_inputs
-from ._model_file import ModelFile, resolve_model
+from ..engines import Key, Outputs, build_engine
+from ..engines.model_file import resolve_model
+from ..engines.registry import EngineConfig
+from ..engines.runner import Runner
+from ..errors import InputError
+from ..runtime import default_backend
+from ..tune import check_engine, resolve_in_process
+from .inputs import normalize_inputs
+from .jobs import load_sources
 
 # Latencies kept for stats(): enough for stable p99s over long runs, bounded memory (0.8 MB).
 _HISTORY = 100_000
@@ -41,11 +45,12 @@ class Predictor:
         custom_objects: dict[str, Any] | None = None,
         safe_mode: bool = True,
     ) -> None:
-        if engine not in ("auto", "onnx", "keras"):
-            raise InputError(f"Expected engine to be 'auto', 'onnx' or 'keras'. Received: engine={engine!r}.")
+        check_engine(engine)
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise InputError(f"Expected max_batch_size to be a positive int. Received: max_batch_size={max_batch_size!r}.")
-        self._file: ModelFile = resolve_model(model, custom_objects)
+        in_memory = None if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else model
+        # An in-memory model runs right here: its custom classes need not import in a worker.
+        self._file = resolve_model(model, custom_objects, for_workers=in_memory is None)
         self.signature = self._file.signature
         specs = self.signature.inputs
         if specs is None or not self.signature.fixed:
@@ -59,48 +64,39 @@ class Predictor:
         if self.buckets[-1] != max_batch_size:
             self.buckets.append(max_batch_size)
         try:
-            self.engine_name, self._engine = self._make_engine(engine, model, threads, custom_objects, safe_mode)
+            self.engine_name, onnx = resolve_in_process(
+                self._file, engine=engine, backend=default_backend(), custom_objects=custom_objects, safe_mode=safe_mode
+            )
+            config = EngineConfig(
+                name=self.engine_name,
+                model_path=str(self._file.path),
+                input_structure=self.signature.structure,
+                input_names=tuple(s.name for s in specs),
+                custom_objects=custom_objects,
+                modules=self.signature.custom_modules,
+                safe_mode=safe_mode,
+                threads=threads,
+                onnx_path=str(onnx.path) if onnx is not None else None,
+                onnx_meta=onnx.meta if onnx is not None else None,
+            )
+            self._runner = Runner(build_engine(config, model=in_memory if self.engine_name == "keras" else None))
+            # Compiled engines take exactly their bucket's size; ONNX Runtime takes any size as is.
+            self._pad = self.engine_name == "keras"
             for size in self.buckets:  # compile and warm every bucket now, never in a call
                 self._run(size, [np.zeros((size, *shape), dtype=np.dtype(dtype)) for shape, dtype in self._rows])
         finally:
             self._file.cleanup()
-        self._outputs: Outputs = self._engine.outputs(self._key(self.buckets[0]))
-        self._warm_traces = self._engine.python_traces
+        self._outputs: Outputs = self._runner.outputs(self._key(self.buckets[0]))
+        self._warm_traces = self._runner.traces
         self._latencies: deque[float] = deque(maxlen=_HISTORY)
         self._calls = 0
-
-    def _make_engine(self, engine: str, model: Any, threads: int, custom_objects: Any, safe_mode: bool) -> tuple[str, Any]:
-        from ._engine import KerasEngine, OnnxEngine
-
-        if engine in ("auto", "onnx"):
-            from ._onnx import export
-
-            try:
-                onnx = export(self._file, custom_objects=custom_objects, safe_mode=safe_mode)
-                return "onnx", OnnxEngine(str(onnx.path), onnx.meta, threads=threads, gpu=False)
-            except (FleetError, ImportError) as exc:
-                if engine == "onnx":
-                    raise
-                warnings.warn(f"kerasfleet: the ONNX engine is not used ({exc}); falling back to the Keras engine.", RuntimeWarning, stacklevel=3)
-        specs = self.signature.inputs
-        assert specs is not None
-        in_memory = None if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else model
-        return "keras", KerasEngine(
-            str(self._file.path),
-            input_structure=self.signature.structure,
-            input_names=[s.name for s in specs],
-            custom_objects=custom_objects,
-            modules=self.signature.custom_modules,
-            safe_mode=safe_mode,
-            model=in_memory,
-        )
 
     def _key(self, size: int) -> Key:
         return (size, self._rows)
 
     def _run(self, size: int, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-        result: list[np.ndarray[Any, Any]] = self._engine.run_batch(self._key(size), arrays)
-        return result
+        """One bucket-sized call (rows beyond the input are padding, cut off)."""
+        return self._runner.run_padded(self._key(size), arrays, self._pad)
 
     def predict(self, x: Any) -> Any:
         """Predict `x` (any number of rows); returns what `model.predict(x)` returns."""
@@ -112,9 +108,7 @@ class Predictor:
             part = [a[lo : lo + self.buckets[-1]] for a in arrays]
             m = part[0].shape[0]
             size = next(b for b in self.buckets if b >= m)
-            if size != m and self.engine_name == "keras":  # ONNX Runtime takes any size as is
-                part = [np.concatenate([p, np.zeros((size - m, *p.shape[1:]), p.dtype)]) for p in part]
-            parts.append([o[:m] for o in self._run(size, part)])
+            parts.append(self._run(size, part))
         flat = parts[0] if len(parts) == 1 else [np.concatenate(cols) for cols in zip(*parts)]
         result = self._outputs.pack(flat)
         self._latencies.append(time.perf_counter() - started)
@@ -126,7 +120,7 @@ class Predictor:
         if len(rows) == 1 and isinstance(x, np.ndarray) and x.dtype.str == rows[0][1] and x.shape[1:] == rows[0][0] and len(x):
             return [x]  # the fast path: nothing to convert or check further
         sources = normalize_inputs(x, self.signature)
-        return [np.asarray(s.array if s.array is not None else _load(s), dtype=s.dtype) for s in sources]
+        return [np.asarray(a, dtype=s.dtype) for a, s in zip(load_sources(sources), sources)]
 
     def stats(self) -> dict[str, Any]:
         """Calls, retraces since warm-up, and latency percentiles (ms) of the recorded calls."""
@@ -135,7 +129,7 @@ class Predictor:
         return {
             "engine": self.engine_name,
             "calls": self._calls,
-            "retraces": self._engine.python_traces - self._warm_traces,
+            "retraces": self._runner.traces - self._warm_traces,
             "p50_ms": float(pct[0]),
             "p90_ms": float(pct[1]),
             "p99_ms": float(pct[2]),
@@ -148,9 +142,3 @@ class Predictor:
 
     def __repr__(self) -> str:
         return f"<Predictor engine={self.engine_name} buckets={self.buckets[0]}..{self.buckets[-1]}>"
-
-
-def _load(source: Any) -> np.ndarray[Any, Any]:
-    from ._buffers import OpenBuffer
-
-    return np.array(OpenBuffer(source.file).array)

@@ -12,14 +12,13 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import InputError, ModelLoadError
+from ..errors import InputError, ModelLoadError
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -77,8 +76,12 @@ class ModelFile:
             self._tmpdir = None
 
 
-def resolve_model(model: Any, custom_objects: dict[str, Any] | None = None) -> ModelFile:
-    """Turn `model` (a path or an in-memory `keras.Model`) into a checked file and signature."""
+def resolve_model(model: Any, custom_objects: dict[str, Any] | None = None, *, for_workers: bool = True) -> ModelFile:
+    """Turn `model` (a path or an in-memory `keras.Model`) into a checked file and signature.
+
+    `for_workers=False` (an in-memory model used in this process only) skips the check that
+    every custom class imports in a worker.
+    """
     tmpdir = None
     if isinstance(model, (str, os.PathLike)):
         path = Path(model).expanduser()
@@ -110,7 +113,8 @@ def resolve_model(model: Any, custom_objects: dict[str, Any] | None = None) -> M
         config = read_config(path)
         signature = signature_from_config(config)
         custom = _custom_classes(config)
-        _check_custom_classes(custom, custom_objects or {}, path)
+        if for_workers:
+            _check_custom_classes(custom, custom_objects or {}, path)
         modules = tuple(sorted({m for _, m, _ in custom if m and m != "__main__" and not m.startswith("keras")}))
         signature = Signature(signature.inputs, signature.structure, modules)
     except BaseException:
@@ -171,7 +175,9 @@ def _dtype_name(dtype: Any) -> str:
 def _input_spec(layer_cfg: dict[str, Any]) -> TensorSpec:
     cfg = layer_cfg.get("config", {})
     shape = cfg.get("batch_shape") or cfg.get("batch_input_shape") or [None]
-    return TensorSpec(name=str(cfg.get("name", layer_cfg.get("name"))), shape=tuple(shape[1:]), dtype=_dtype_name(cfg.get("dtype")))
+    return TensorSpec(
+        name=str(cfg.get("name", layer_cfg.get("name"))), shape=tuple(shape[1:]), dtype=_dtype_name(cfg.get("dtype"))
+    )
 
 
 def signature_from_config(config: dict[str, Any]) -> Signature:
@@ -219,16 +225,28 @@ def _custom_classes(node: Any) -> list[tuple[str, str | None, str]]:
 
 
 def _check_custom_classes(custom: list[tuple[str, str | None, str]], custom_objects: dict[str, Any], path: Path) -> None:
+    for key, obj in custom_objects.items():
+        if getattr(obj, "__module__", None) == "__main__":
+            raise ModelLoadError(
+                f"Expected the classes in custom_objects to be importable by the worker processes. Received: "
+                f"{key!r}: {getattr(obj, '__qualname__', obj)!r}, defined in the script or notebook that was run (module "
+                f"'__main__'), which workers do not run. Move it to a module next to your script (for example "
+                f"my_layers.py) and import it from there."
+            )
     for class_name, module, registered in custom:
         if class_name in custom_objects or registered in custom_objects:
             continue
         if module == "__main__":
-            main = sys.modules.get("__main__")
-            # Spawned workers re-import the main script, so its classes load there; an
-            # interactive session has no script to re-import.
-            if main is not None and getattr(main, "__file__", None) and hasattr(main, class_name):
-                continue
-        elif module and _importable(module):
+            # Workers never run the caller's script (a script without a main guard would start
+            # workers from its workers), so a class defined there cannot load in them.
+            raise ModelLoadError(
+                f"Expected every custom class in the model to be importable by the worker processes. Received: "
+                f"{class_name!r} (registered as {registered!r}), defined in the script or notebook that was run "
+                "(module '__main__'), which workers do not run. Move the class to a module next to your script "
+                f"(for example my_layers.py), import it from there (from my_layers import {class_name}), and save the "
+                "model again."
+            )
+        if module and _importable(module):
             continue
         raise ModelLoadError(
             f"Expected every custom class in the model to be loadable by the worker processes. Received: "

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ._errors import FleetError
+from ..errors import FleetError
 
 
 def _fail(error: BaseException) -> click.ClickException:
@@ -27,15 +27,29 @@ def main() -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("input", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help=".npy (results memory-mapped to disk) or .npz (one array per output).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help=".npy (results memory-mapped to disk) or .npz (one array per output).",
+)
 @click.option("--workers", type=int, default=None, help="Worker processes (default: cores / threads).")
 @click.option("--threads-per-worker", type=int, default=None, help="Threads each worker uses (default 1 on CPU).")
 @click.option("--batch-size", type=int, default=None, help="Rows per compiled call (default: about 4 MB of input).")
 @click.option("--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None, help="Keras backend of the workers.")
 @click.option("--devices", default="auto", show_default=True, help="auto, cpu, gpu, or GPU ids like 0,1.")
-@click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (runs Lambda code from the file: trusted files only).")
+@click.option(
+    "--unsafe", is_flag=True, help="Load with Keras safe_mode=False (runs Lambda code from the file: trusted files only)."
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a terminal).")
-@click.option("--engine", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True, help="auto: measured once per model and machine; keras: compiled Keras; onnx: ONNX Runtime (parity-checked).")
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "keras", "onnx"]),
+    default="auto",
+    show_default=True,
+    help="auto: measured once per model and machine; keras: compiled Keras; onnx: ONNX Runtime (parity-checked).",
+)
 def predict(
     model: str,
     input: str,
@@ -50,7 +64,7 @@ def predict(
     engine: str,
 ) -> None:
     """Predict every row of INPUT (.npy/.npz) with MODEL (.keras/.h5) into OUTPUT."""
-    from ._predict import predict as run
+    from ..prediction import predict as run
 
     suffix = Path(output).suffix.lower()
     if suffix not in (".npy", ".npz"):
@@ -75,9 +89,13 @@ def predict(
             raise click.ClickException(f"{exc} Write a multi-output model's results to a .npz instead.") from exc
         raise _fail(exc) from exc
     if suffix == ".npz":
-        arrays = result if isinstance(result, dict) else dict(enumerate(result)) if isinstance(result, list) else {"output_0": result}
+        arrays = (
+            result if isinstance(result, dict) else dict(enumerate(result)) if isinstance(result, list) else {"output_0": result}
+        )
         np_savez(output, {str(k) if not isinstance(k, int) else f"output_{k}": v for k, v in arrays.items()})
-    first = result if not isinstance(result, (dict, list)) else next(iter(result.values() if isinstance(result, dict) else result))
+    first = (
+        result if not isinstance(result, (dict, list)) else next(iter(result.values() if isinstance(result, dict) else result))
+    )
     seconds = time.perf_counter() - started
     click.echo(f"{len(first)} rows -> {output} in {seconds:.2f} s ({len(first) / seconds:,.0f} rows/s)", err=True)
 
@@ -94,7 +112,9 @@ def _devices(text: str) -> Any:
     try:
         return [int(d) for d in text.split(",") if d.strip()]
     except ValueError:
-        raise click.BadParameter(f"Expected auto, cpu, gpu or GPU ids like 0,1. Received: {text!r}.", param_hint="--devices") from None
+        raise click.BadParameter(
+            f"Expected auto, cpu, gpu or GPU ids like 0,1. Received: {text!r}.", param_hint="--devices"
+        ) from None
 
 
 @main.command()
@@ -103,8 +123,8 @@ def _devices(text: str) -> Any:
 @click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (trusted files only).")
 def export(model: str, output: str, unsafe: bool) -> None:
     """Export MODEL to ONNX through Keras's exporter, checked against Keras on a sample batch."""
-    from ._model_file import resolve_model
-    from ._onnx import export as run
+    from ..engines.export import export as run
+    from ..engines.model_file import resolve_model
 
     if Path(output).suffix.lower() != ".onnx":
         raise click.BadParameter(f"Expected an .onnx output path. Received: {output!r}.", param_hint="-o")
@@ -127,15 +147,23 @@ def export(model: str, output: str, unsafe: bool) -> None:
 @click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (trusted files only).")
 def tune(model: str, seconds: float | None, backend: str | None, unsafe: bool) -> None:
     """Measure engines, workers x threads and batch sizes for MODEL here; store and print the plan."""
-    from ._fleet import default_backend
-    from ._model_file import resolve_model
-    from ._tune import DEFAULT_TRIAL_S, plan_path
-    from ._tune import tune as run
+    from ..engines.model_file import resolve_model
+    from ..prediction import Fleet
+    from ..runtime import default_backend
+    from ..tune import DEFAULT_TRIAL_S, plan_path
+    from ..tune import tune as run
 
     try:
         resolved = resolve_model(model)
         click.echo(f"measuring {model} (rows/s on synthetic rows of its signature):")
-        plan = run(resolved, backend=backend or default_backend(), safe_mode=not unsafe, seconds=seconds or DEFAULT_TRIAL_S, verbose=True)
+        plan = run(
+            resolved,
+            backend=backend or default_backend(),
+            safe_mode=not unsafe,
+            seconds=seconds or DEFAULT_TRIAL_S,
+            verbose=True,
+            fleet_factory=Fleet,
+        )
     except FleetError as exc:
         raise _fail(exc) from exc
     click.echo(f"plan: {plan.describe()}")
@@ -145,24 +173,32 @@ def tune(model: str, seconds: float | None, backend: str | None, unsafe: bool) -
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--batch-sizes", default="1,32,256", show_default=True, help="Comma-separated batch sizes to time.")
-@click.option("--calls", type=int, default=200, show_default=True, help="Timed calls per path and batch size (model.predict: at most 100).")
-@click.option("-o", "--output", type=click.Path(file_okay=False), default=None, help="Report folder (default: ./kerasfleet-profile-MODEL).")
+@click.option(
+    "--calls", type=int, default=200, show_default=True, help="Timed calls per path and batch size (model.predict: at most 100)."
+)
+@click.option(
+    "-o", "--output", type=click.Path(file_okay=False), default=None, help="Report folder (default: ./kerasfleet-profile-MODEL)."
+)
 @click.option("--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None)
 def profile(model: str, batch_sizes: str, calls: int, output: str | None, backend: str | None) -> None:
     """Latency distributions per prediction path, trace and retrace costs, and the plan kerasfleet would use."""
-    from ._fleet import default_backend
-    from ._profile import profile as run
+    from ..runtime import default_backend
+    from .profile import profile as run
 
     try:
         sizes = tuple(sorted({int(b) for b in batch_sizes.split(",") if b.strip()}))
     except ValueError:
-        raise click.BadParameter(f"Expected comma-separated integers. Received: {batch_sizes!r}.", param_hint="--batch-sizes") from None
+        raise click.BadParameter(
+            f"Expected comma-separated integers. Received: {batch_sizes!r}.", param_hint="--batch-sizes"
+        ) from None
     if not sizes or sizes[0] < 1 or calls < 1:
         raise click.BadParameter(f"Expected positive batch sizes and calls. Received: {batch_sizes!r}, {calls}.")
     chosen = backend or default_backend()
     os.environ["KERAS_BACKEND"] = chosen  # profile imports Keras in this process
     try:
-        report = run(model, batch_sizes=sizes, calls=calls, out_dir=Path(output) if output else None, backend=chosen, echo=click.echo)
+        report = run(
+            model, batch_sizes=sizes, calls=calls, out_dir=Path(output) if output else None, backend=chosen, echo=click.echo
+        )
     except FleetError as exc:
         raise _fail(exc) from exc
     click.echo(f"\nreport: {report}")
@@ -175,12 +211,13 @@ def profile(model: str, batch_sizes: str, calls: int, output: str | None, backen
 @click.option("--devices", default="auto", show_default=True)
 @click.option("--engine", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(model: str | None, workers: int | None, threads_per_worker: int | None, devices: str, engine: str, as_json: bool) -> None:
+def info(
+    model: str | None, workers: int | None, threads_per_worker: int | None, devices: str, engine: str, as_json: bool
+) -> None:
     """Cores, workers, threads, backend, devices and batch size kerasfleet would use."""
-    from ._fleet import default_backend
-    from ._jobs import default_batch_size
-    from ._model_file import resolve_model
-    from ._plan import make_plan
+    from ..engines import default_batch_size
+    from ..engines.model_file import resolve_model
+    from ..runtime import default_backend, make_plan
 
     try:
         plan = make_plan(workers, threads_per_worker, devices=_devices(devices))
@@ -200,10 +237,12 @@ def info(model: str | None, workers: int | None, threads_per_worker: int | None,
             sig = resolve_model(model).signature
             facts["model"] = model
             if engine == "auto":
-                from ._tune import cached_plan
+                from ..tune import cached_plan
 
                 tuned = cached_plan(resolve_model(model), default_backend())
-                plan_in_force = tuned.describe() if tuned else "not measured yet (kerasfleet tune MODEL, or the first auto call, measures it)"
+                plan_in_force = (
+                    tuned.describe() if tuned else "not measured yet (kerasfleet tune MODEL, or the first auto call, measures it)"
+                )
                 facts["plan_in_force"] = plan_in_force
             if sig.inputs is None:
                 facts["inputs"] = "not declared in the file (subclassed model): checked by the workers"

@@ -1,0 +1,105 @@
+"""The worker side of prediction: the runtime's task handler for engines.
+
+    Attach(job, JobSpec)          map the job's input and output buffers
+    Call(PredictRows(job, a, b))  rows [a, b) from the input buffers into the output buffers
+    Call(PredictInline(key, xs))  small requests: rows travel in the message, outputs return in it
+    Call(Probe(key))              prepare (compile) a shape; answer what the model returns for it
+    Detach(job)                   unmap
+
+The runtime imports this module inside the worker by name
+("kerasfleet.engines.handler:engine_handler"), after the thread budget is in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..runtime.buffers import BufferSpec, OpenBuffer
+from .base import Engine, Key, Outputs
+from .registry import EngineConfig, build_engine
+
+HANDLER = "kerasfleet.engines.handler:engine_handler"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    key: Key
+    inputs: tuple[BufferSpec, ...]
+    outputs: tuple[BufferSpec, ...]
+
+
+@dataclass(frozen=True)
+class PredictRows:
+    context_id: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class PredictInline:
+    key: Key
+    arrays: tuple[np.ndarray[Any, Any], ...]
+
+    @property
+    def rows(self) -> int:
+        return int(self.arrays[0].shape[0])
+
+
+@dataclass(frozen=True)
+class Probe:
+    key: Key
+
+
+class _OpenJob:
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self.inputs = [OpenBuffer(b) for b in spec.inputs]
+        self.outputs = [OpenBuffer(b) for b in spec.outputs]
+
+    def close(self) -> None:
+        for buf in self.inputs + self.outputs:
+            buf.close()
+
+
+class EngineHandler:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine: Engine = build_engine(config)
+        warm = self.engine.outputs(config.warm_key) if config.warm_key is not None else None
+        self.info: dict[str, Any] = {
+            "backend": self.engine.backend,
+            "engine": self.engine.name,
+            "warm_key": config.warm_key,
+            "warm_outputs": warm,
+        }
+        self._jobs: dict[int, _OpenJob] = {}
+
+    def attach(self, context_id: int, payload: Any) -> None:
+        self._jobs[context_id] = _OpenJob(payload)
+
+    def detach(self, context_id: int) -> None:
+        job = self._jobs.pop(context_id, None)
+        if job is not None:
+            job.close()
+
+    def run(self, payload: Any) -> Any:
+        if isinstance(payload, PredictRows):
+            job = self._jobs[payload.context_id]
+            self.engine.predict_rows(
+                job.spec.key, [b.array for b in job.inputs], [b.array for b in job.outputs], payload.start, payload.stop
+            )
+            return None
+        if isinstance(payload, PredictInline):
+            outputs: Outputs = self.engine.outputs(payload.key)
+            arrays = outputs.empty(payload.rows)
+            self.engine.predict_rows(payload.key, list(payload.arrays), arrays, 0, payload.rows)
+            return arrays
+        if isinstance(payload, Probe):
+            return self.engine.outputs(payload.key)
+        raise TypeError(f"Expected PredictRows, PredictInline or Probe. Received: {type(payload).__name__}.")
+
+
+def engine_handler(config: EngineConfig) -> EngineHandler:
+    return EngineHandler(config)

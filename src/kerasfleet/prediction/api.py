@@ -1,0 +1,130 @@
+"""`kerasfleet.predict`: one call, the result `model.predict` gives.
+
+With engine="auto" the resolver's plan decides: a fleet for the call's duration, or, when
+starting workers would cost more than they save for this many rows, ONNX Runtime in this
+process (the shared in-process runner).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..engines.model_file import resolve_model
+from ..engines.onnx_engine import OnnxEngine
+from ..engines.runner import Runner
+from ..runtime import default_backend, make_plan
+from ..tune import Resolution, check_engine, resolve
+from .fleet import BACKENDS, Fleet, check_batch_size
+from .inputs import Source, normalize_inputs
+from .jobs import check_out, load_sources, open_out_files, source_rows
+from .progress import progress_bar
+
+# Beyond this much input, workers map the data instead: a caller reading a huge memmap would
+# hold its pages in its own resident set.
+IN_PROCESS_MAX_BYTES = 256 << 20
+
+
+def predict(
+    model: Any,
+    x: Any,
+    *,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    out: Any = None,
+    progress: bool | None = None,
+    custom_objects: dict[str, Any] | None = None,
+    devices: Any = "auto",
+    backend: str | None = None,
+    safe_mode: bool = True,
+    engine: str = "auto",
+) -> Any:
+    """Predict `x` with `model` on every core (or GPU); returns what `model.predict(x)` returns.
+
+    `model` is a `.keras`/`.h5` path or a `keras.Model`; `x` an array, a list or dict of arrays,
+    an `np.memmap` or a `.npy`/`.npz` path (memory-mapped, never read whole). With `out=` (a
+    `.npy` path, or a list/dict of them) results go to disk and come back as memmaps.
+    `engine`: "auto" (measured once per model and machine, then cached), "keras" or "onnx".
+    Bad input is refused before any worker starts. For repeated calls keep a `Fleet`.
+    """
+    check_batch_size(batch_size)
+    check_out(out)
+    check_engine(engine)
+    if backend is not None and backend not in BACKENDS:
+        from ..errors import InputError
+
+        raise InputError(f"Expected backend to be 'jax', 'tensorflow', 'torch' or None. Received: backend={backend!r}.")
+    make_plan(workers, threads_per_worker, devices=devices)  # refuses a bad plan before any work
+    model_file = resolve_model(model, custom_objects)
+    try:
+        sources = normalize_inputs(x, model_file.signature)  # refused here, before any process starts
+        chosen = backend or default_backend()
+        if engine == "auto" and workers is None and threads_per_worker is None:
+            res = resolve(
+                model_file,
+                engine=engine,
+                workers=None,
+                threads_per_worker=None,
+                devices=devices,
+                batch_size=batch_size,
+                backend=chosen,
+                custom_objects=custom_objects,
+                safe_mode=safe_mode,
+                fleet_factory=Fleet,
+            )
+            nbytes = sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in sources)
+            if res.plan.device == "cpu" and nbytes <= IN_PROCESS_MAX_BYTES and res.in_process_wins(sources[0].rows):
+                return _in_process(model_file, res, sources, batch_size, out, progress, custom_objects, safe_mode)
+        with Fleet(
+            model_file,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            devices=devices,
+            batch_size=batch_size,
+            backend=chosen,
+            custom_objects=custom_objects,
+            safe_mode=safe_mode,
+            engine=engine,
+        ) as fleet:
+            return fleet.predict(x, batch_size=batch_size, out=out, progress=progress)
+    finally:
+        model_file.cleanup()
+
+
+def _in_process(
+    model_file: Any,
+    res: Resolution,
+    sources: list[Source],
+    batch_size: int | None,
+    out: Any,
+    progress: bool | None,
+    custom_objects: Any,
+    safe_mode: bool,
+) -> Any:
+    """ONNX Runtime on every core of this process: no worker to start, same result."""
+    from ..engines.export import export
+
+    assert res.tuned is not None
+    onnx = export(model_file, custom_objects=custom_objects, safe_mode=safe_mode)
+    runner = Runner(OnnxEngine(str(onnx.path), onnx.meta, threads=len(res.plan.usable_cpus), gpu=False))
+    key = (batch_size or res.tuned.in_process_batch or res.tuned.batch_size, source_rows(sources))
+    outputs = runner.outputs(key)
+    rows = sources[0].rows
+    paths, arrays = open_out_files(out, outputs, rows) if out is not None else (None, None)
+    bar = progress_bar(rows, progress)
+    try:
+        result = (
+            runner.predict(key, load_sources(sources), arrays, bar.update if bar is not None else None)
+            if rows
+            else outputs.empty(0)
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if paths is not None:
+        for a in result:
+            a.flush()  # type: ignore[attr-defined]
+        result = [np.load(p, mmap_mode="r") for p in paths]
+    return outputs.pack(result)

@@ -1,0 +1,432 @@
+"""The fleet: warm workers that predict with one model, callable from many threads at once.
+
+    caller threads (any number)                  runtime.Supervisor thread        workers
+    ───────────────────────────                  ─────────────────────────        ───────
+    predict(x): validate -> key -> outputs ─── Probe(key) (once per shape) ─────► compile
+      small x:  PredictInline(key, rows)  ────────────────────────────────────► rows in the message
+      large x:  Job: buffers in shared memory / the caller's files / out= files
+                for each chunk: copy its rows, submit PredictRows(job, a, b) ──► rows by index
+      wait for the chunk futures (progress bar), pack like model.predict
+      finally: cancel what is queued, workers detach, segments recycled or unlinked
+
+The supervisor requeues a dead worker's chunks and starts a replacement; a chunk that kills
+its worker `max_retries` times fails the call with `WorkerCrashedError`. Results are written
+by row index, so order holds by construction, and calls from different threads never share
+buffers.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
+from typing import Any
+
+import numpy as np
+
+from ..engines import Key, Outputs, bucket
+from ..engines.handler import HANDLER, PredictInline, PredictRows, Probe
+from ..engines.model_file import ModelFile, resolve_model
+from ..engines.registry import EngineConfig
+from ..errors import FleetClosedError, InputError, ModelLoadError, RemoteTraceback, WorkerError
+from ..runtime import (
+    Context,
+    LocalWorker,
+    RetryPolicy,
+    SharedBuffers,
+    Supervisor,
+    WorkerInit,
+    default_backend,
+    worker_environment,
+)
+from ..runtime.protocol import RemoteError
+from ..tune import resolve
+from .inputs import Source, normalize_inputs
+from .jobs import Job, check_out, open_out_files, source_rows
+from .progress import progress_bar
+
+BACKENDS = ("jax", "tensorflow", "torch", "numpy")
+# Requests up to this size travel inside the message (pickled) instead of shared memory: no
+# segment to create or map, one round trip. Larger ones use shared buffers and chunks.
+INLINE_MAX_BYTES = 256 << 10
+
+
+def check_batch_size(batch_size: Any, name: str = "batch_size") -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise InputError(f"Expected {name} to be a positive int or None. Received: {name}={batch_size!r}.")
+
+
+class _Shapes:
+    """What the model returns per key, learned from warm-up and probes; shared by all threads."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[Key, Outputs] = {}
+        self.lock = threading.Lock()
+
+    def remember_warm(self, info: dict[str, Any]) -> None:
+        if info.get("warm_key") is not None and info.get("warm_outputs") is not None:
+            with self.lock:
+                self.outputs.setdefault(info["warm_key"], info["warm_outputs"])
+
+
+class Fleet:
+    """Warm worker processes that predict with one model, for repeated calls.
+
+    ```python
+    with kerasfleet.Fleet("model.keras") as fleet:
+        y = fleet.predict(x)                     # same result as model.predict(x)
+        for y_part in fleet.imap(batches):       # streaming, ordered, bounded memory
+            ...
+    ```
+
+    | argument | meaning |
+    | --- | --- |
+    | `model` | a `.keras`/`.h5` path or an in-memory `keras.Model` (saved once to a temporary file) |
+    | `workers`, `threads_per_worker` | the plan; by default workers x threads = usable cores |
+    | `devices` | `"auto"` (GPUs if visible, one worker each), `"cpu"`, `"gpu"` or a list of GPU ids |
+    | `batch_size` | rows per compiled call; default about 4 MB of input (power of two, 16-1024) |
+    | `backend` | the workers' Keras backend; default the caller's (`KERAS_BACKEND`, keras.json) |
+    | `custom_objects` | importable custom classes the model needs, as for `keras.saving.load_model` |
+    | `safe_mode` | Keras safe mode when loading (no arbitrary code from lambdas); on by default |
+    | `max_retries` | how often the same rows may crash a worker before the call fails |
+    | `start_timeout` | seconds each worker may take to load the model and warm up |
+    | `engine` | `"auto"` (measured once per model and machine, cached), `"keras"` (compiled Keras) or `"onnx"` (exported once, parity-checked, cached) |
+
+    Workers start at construction, in the background; the first call waits for them. Any
+    number of threads may call `predict` at once.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        workers: int | None = None,
+        threads_per_worker: int | None = None,
+        devices: Any = "auto",
+        batch_size: int | None = None,
+        backend: str | None = None,
+        custom_objects: dict[str, Any] | None = None,
+        safe_mode: bool = True,
+        max_retries: int = 3,
+        start_timeout: float = 600.0,
+        engine: str = "auto",
+    ) -> None:
+        check_batch_size(batch_size)
+        if backend is not None and backend not in BACKENDS:
+            raise InputError(f"Expected backend to be 'jax', 'tensorflow', 'torch' or None. Received: backend={backend!r}.")
+        if not isinstance(max_retries, int) or max_retries < 1:
+            raise InputError(f"Expected max_retries to be a positive int. Received: max_retries={max_retries!r}.")
+        owned = not isinstance(model, ModelFile)
+        self._model: ModelFile = resolve_model(model, custom_objects) if owned else model
+        self.signature = self._model.signature
+        self.backend = backend or default_backend()
+        self.max_retries = max_retries
+        self._retry = RetryPolicy(requeue=True, max_deaths=max_retries)
+        self._closed = False
+        try:
+            res = resolve(
+                self._model,
+                engine=engine,
+                workers=workers,
+                threads_per_worker=threads_per_worker,
+                devices=devices,
+                batch_size=batch_size,
+                backend=self.backend,
+                custom_objects=custom_objects,
+                safe_mode=safe_mode,
+                fleet_factory=Fleet,  # the trial measures fleets like this one
+            )
+            self.plan = res.plan
+            self.engine = res.engine
+            self.tuned = res.tuned
+            self.onnx = res.onnx
+            self._resolution = res
+            self.batch_size = res.batch_size
+            warm_key: Key | None = None
+            if self.signature.fixed:
+                rows = self.signature.row_specs()
+                warm_key = (res.batch_for(rows), rows)
+            specs = self.signature.inputs
+            config = EngineConfig(
+                name=self.engine,
+                model_path=str(self._model.path),
+                input_structure=self.signature.structure,
+                input_names=tuple(s.name for s in specs) if specs is not None else None,
+                custom_objects=custom_objects,
+                modules=self.signature.custom_modules,
+                safe_mode=safe_mode,
+                threads=self.plan.threads_per_worker,
+                onnx_path=str(self.onnx.path) if self.onnx is not None else None,
+                onnx_meta=self.onnx.meta if self.onnx is not None else None,
+                warm_key=warm_key,
+            )
+            init = WorkerInit(HANDLER, config)
+            backend_name, any_gpu = self.backend, bool(self.plan.gpus)
+            self._shapes = _Shapes()
+            # Segments of finished calls are kept for the next ones: two per call in flight.
+            self._buffers = SharedBuffers(keep=4 * self.plan.workers + 4)
+            self._supervisor = Supervisor(
+                lambda slot: LocalWorker(slot, init, worker_environment(slot, backend_name, any_gpu)),
+                self.plan.slots,
+                start_timeout=start_timeout,
+                max_start_failures=max_retries,
+                on_fatal=_load_error(str(self._model.path)),
+                on_ready=self._shapes.remember_warm,
+                name=f"kerasfleet-supervisor-{self._model.path.name}",
+            )
+        except BaseException:
+            if owned:
+                self._model.cleanup()
+            raise
+        self._finalizer = weakref.finalize(self, _cleanup, self._supervisor, self._buffers, self._model if owned else None)
+
+    # -- public ------------------------------------------------------------------------------
+    def predict(self, x: Any, *, batch_size: int | None = None, out: Any = None, progress: bool | None = None) -> Any:
+        """Predict every row of `x`; returns what `model.predict(x)` returns, in the same order.
+
+        `x` is an array, a list or dict of arrays, an `np.memmap`, or a `.npy`/`.npz` path.
+        `out` (a `.npy` path, or a list/dict of them) writes the results to disk through a
+        memory map and returns read-only memmaps: results larger than RAM never sit in memory.
+        Safe to call from many threads at once.
+        """
+        self._check_open()
+        check_batch_size(batch_size)
+        check_out(out)
+        call = self._start(normalize_inputs(x, self.signature), batch_size, out)
+        bar = progress_bar(call.rows, progress) if isinstance(call, _JobCall) else None
+        try:
+            return call.result(bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+            call.close()
+
+    def imap(self, batches: Iterable[Any], *, batch_size: int | None = None, max_inflight: int | None = None) -> Iterator[Any]:
+        """Predict each batch of an iterable; yields results in order, holding few in memory.
+
+        At most `max_inflight` batches (default 2 per worker) are in shared memory at a time,
+        so an endless stream runs in bounded memory. An empty batch yields an empty result.
+        """
+        self._check_open()
+        check_batch_size(batch_size)
+        check_batch_size(max_inflight, "max_inflight")
+        limit = max_inflight or 2 * self.plan.workers
+        inflight: deque[_Call] = deque()
+        source = iter(batches)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(inflight) < limit:
+                    try:
+                        batch = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    inflight.append(self._start(normalize_inputs(batch, self.signature), batch_size, None))
+                if not inflight:
+                    return
+                head = inflight.popleft()
+                try:
+                    result = head.result(None)
+                finally:
+                    head.close()
+                yield result
+        finally:
+            for call in inflight:
+                call.close()
+
+    def close(self) -> None:
+        """Stop the workers and free every buffer. Safe to call twice."""
+        self._closed = True
+        self._finalizer()
+
+    def stats(self) -> dict[str, Any]:
+        """Workers (pid, ready, cores, GPU), restarts so far, the plan, engine and batch size."""
+        return {
+            "workers": self._supervisor.workers(),
+            "restarts": self._supervisor.restarts,
+            "tasks_done": self._supervisor.tasks_done,
+            "plan": self.plan.describe(),
+            "engine": self.engine,
+            "batch_size": self.batch_size,
+            "backend": self.backend,
+        }
+
+    @property
+    def restarts(self) -> int:
+        return self._supervisor.restarts
+
+    @property
+    def pids(self) -> list[int]:
+        return [w["pid"] for w in self._supervisor.workers()]
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every worker has loaded the model and warmed up."""
+        self._check_open()
+        self._supervisor.wait_ready(timeout)
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Fleet {state}: {self.plan.describe()}, engine {self.engine}, backend {self.backend}, model {self._model.path.name}>"
+
+    # -- calls -------------------------------------------------------------------------------
+    def _start(self, sources: list[Source], batch_size: int | None, out: Any) -> _Call:
+        rows = sources[0].rows
+        row_specs = source_rows(sources)
+        batch = batch_size or self._resolution.batch_for(row_specs)
+        if rows == 0:
+            return _EmptyCall(self._outputs((batch, row_specs)), out)
+        nbytes = sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in sources)
+        if out is None and nbytes <= INLINE_MAX_BYTES and all(s.array is not None for s in sources):
+            key = (bucket(rows, batch), row_specs)
+            outputs = self._outputs(key)
+            arrays = tuple(np.ascontiguousarray(s.array, dtype=s.dtype) for s in sources)
+            future = self._supervisor.submit(PredictInline(key, arrays), retry=self._retry, label=f"predicting rows 0:{rows}")
+            return _InlineCall(self._supervisor, future, outputs, rows)
+        key = (batch, row_specs)
+        job = Job(key, sources, self.plan.workers, self._buffers, self._outputs(key), out)
+        return _JobCall(self._supervisor, job, self._retry)
+
+    def _outputs(self, key: Key) -> Outputs:
+        """What the model returns for inputs of this key: from warm-up, or asked of a worker."""
+        with self._shapes.lock:
+            known = self._shapes.outputs.get(key)
+        if known is not None:
+            return known
+        future = self._supervisor.submit(
+            Probe(key), retry=self._retry, label=f"compiling the model for inputs {_describe_key(key)}"
+        )
+        try:
+            outputs: Outputs = future.result()
+        except WorkerError as exc:
+            raise WorkerError(f"The model failed on inputs of this shape ({_describe_key(key)}): {exc}") from exc.__cause__
+        with self._shapes.lock:
+            self._shapes.outputs[key] = outputs
+        return outputs
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FleetClosedError("Cannot predict, as the fleet has been closed.")
+        if self._supervisor.broken is not None:
+            raise FleetClosedError("Cannot predict, as the fleet is broken.") from self._supervisor.broken
+
+
+class _Call:
+    rows = 0
+
+    def result(self, on_progress: Any) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _EmptyCall(_Call):
+    """Zero rows: empty outputs of the right shape, no worker involved."""
+
+    def __init__(self, outputs: Outputs, out: Any) -> None:
+        self._outputs = outputs
+        self._out = out
+
+    def result(self, on_progress: Any) -> Any:
+        if self._out is None:
+            return self._outputs.pack(self._outputs.empty(0))
+        paths, arrays = open_out_files(self._out, self._outputs, 0)
+        del arrays
+        return self._outputs.pack([np.load(p, mmap_mode="r") for p in paths])
+
+
+class _InlineCall(_Call):
+    """A small request: its rows travel in the message and its outputs come back in the reply."""
+
+    def __init__(self, supervisor: Supervisor, future: Future[Any], outputs: Outputs, rows: int) -> None:
+        self._supervisor = supervisor
+        self._future = future
+        self._outputs = outputs
+        self.rows = rows
+
+    def result(self, on_progress: Any) -> Any:
+        arrays = self._future.result()
+        if on_progress is not None:
+            on_progress(self.rows)
+        return self._outputs.pack(arrays)
+
+    def close(self) -> None:
+        self._future.cancel()
+
+
+class _JobCall(_Call):
+    """A large request: chunks of a job in shared buffers, submitted as their rows are copied."""
+
+    def __init__(self, supervisor: Supervisor, job: Job, retry: RetryPolicy) -> None:
+        self._supervisor = supervisor
+        self.job = job
+        self.rows = job.rows
+        self._context = Context(job.spec, label="predict job")
+        self._futures: list[Future[Any]] = []
+        try:
+            for i, (lo, hi) in enumerate(job.chunks):
+                job.copy(i)
+                self._futures.append(
+                    supervisor.submit(
+                        PredictRows(self._context.id, lo, hi),
+                        context=self._context,
+                        retry=retry,
+                        label=f"predicting rows {lo}:{hi}",
+                    )
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def result(self, on_progress: Any) -> Any:
+        pending: set[Future[Any]] = set(self._futures)
+        sizes = {f: hi - lo for f, (lo, hi) in zip(self._futures, self.job.chunks)}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in done:
+                f.result()  # raises the chunk's error; close() then drops the rest
+                self.job.done += 1
+                if on_progress is not None:
+                    on_progress(sizes[f])
+        return self.job.result()
+
+    def close(self) -> None:
+        for f in self._futures:
+            f.cancel()
+        self._supervisor.close_context(self._context)
+        self.job.release()
+
+
+def _load_error(path: str) -> Any:
+    def make(error: RemoteError) -> BaseException:
+        hint = ""
+        if "Could not locate" in error.message or "Unknown layer" in error.message:
+            hint = " Pass the class in custom_objects={'Name': Class}, defined in an importable module."
+        elif "safe_mode" in error.message or "Lambda" in error.message:
+            hint = " The model runs code from a Lambda layer; pass safe_mode=False only if you trust the file."
+        fatal = ModelLoadError(f"The workers could not load the model {path!r}: {error.type_name}: {error.message}{hint}")
+        fatal.__cause__ = RemoteTraceback(error.traceback)
+        return fatal
+
+    return make
+
+
+def _cleanup(supervisor: Supervisor, buffers: SharedBuffers, model: ModelFile | None) -> None:
+    """Run by `close()` and at garbage collection or exit: no process, segment or temp file survives."""
+    supervisor.close()
+    buffers.release()
+    if model is not None:
+        model.cleanup()
+
+
+def _describe_key(key: Key) -> str:
+    return ", ".join(f"(rows, {', '.join(map(str, shape))}) {dtype}" for shape, dtype in key[1]) + f" at batch size {key[0]}"

@@ -1,0 +1,46 @@
+"""The runtime: worker processes and the supervisor that runs any kind of task on them.
+
+    plan.py        workers, threads, cores and GPUs (pure logic over the machine's facts)
+    machine.py     the machine's facts: usable cores (affinity and cgroup quota), GPUs, memory
+    protocol.py    the messages (dataclasses) between supervisor and workers
+    bootstrap.py   a worker's first steps: environment, affinity, then imports
+    worker.py      the worker's loop and the TaskHandler protocol
+    handles.py     WorkerHandle (the interface) and LocalWorker (a subprocess)
+    supervisor.py  the task supervisor thread: submit -> Future, retry policies, deadlines
+    buffers.py     shared memory (or file-backed maps) described by small BufferSpecs
+
+Imports nothing from the layers above (engines, tune, prediction, cli).
+"""
+
+from .buffers import BufferSpec, OpenBuffer, SharedBuffers
+from .handles import LocalWorker, WorkerHandle, describe_exit
+from .machine import available_memory, default_backend, usable_cpus, visible_gpus
+from .plan import Plan, WorkerSlot, make_plan, worker_environment
+from .protocol import Echo, Noop, Sleep, WorkerInit
+from .supervisor import RECORD, REQUEUE, Context, RetryPolicy, Supervisor
+
+__all__ = [
+    "RECORD",
+    "REQUEUE",
+    "BufferSpec",
+    "Context",
+    "Echo",
+    "LocalWorker",
+    "Noop",
+    "OpenBuffer",
+    "Plan",
+    "RetryPolicy",
+    "SharedBuffers",
+    "Sleep",
+    "Supervisor",
+    "WorkerHandle",
+    "WorkerInit",
+    "WorkerSlot",
+    "available_memory",
+    "default_backend",
+    "describe_exit",
+    "make_plan",
+    "usable_cpus",
+    "visible_gpus",
+    "worker_environment",
+]

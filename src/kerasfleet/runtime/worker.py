@@ -1,0 +1,155 @@
+"""The worker's loop: build the handler once, then run calls until told to stop.
+
+The runtime does not know what a worker computes. `WorkerInit.handler` names a factory
+("module:function") that the worker imports and calls once; the object it returns
+(`TaskHandler`) runs the payloads of `Call`s and maps the buffers of `Attach`ed contexts.
+Built-in payloads (`Noop`, `Echo`, `Sleep`) need no handler, so the supervisor can be tested
+and benchmarked on bare workers that import nothing heavy.
+
+An exception in a call goes back as `Failed` with the formatted traceback, and the worker
+carries on; an exception while building the handler goes back as `Fatal`, and the worker
+exits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+import traceback
+from typing import Any, Protocol
+
+from .protocol import Attach, Call, Detach, Done, Echo, Failed, Fatal, Noop, Ready, RemoteError, Sleep, Stop, WorkerInit
+
+
+class TaskHandler(Protocol):
+    """What a worker runs; built once per worker by the factory `WorkerInit.handler` names."""
+
+    info: dict[str, Any]  # sent to the supervisor in `Ready` (backend, warm-up results, ...)
+
+    def attach(self, context_id: int, payload: Any) -> None: ...
+
+    def detach(self, context_id: int) -> None: ...
+
+    def run(self, payload: Any) -> Any: ...
+
+
+class BareHandler:
+    """The handler of workers that only run built-in payloads."""
+
+    info: dict[str, Any] = {}
+
+    def __init__(self, config: Any = None) -> None:
+        self.info = {"config": config}
+
+    def attach(self, context_id: int, payload: Any) -> None:
+        pass
+
+    def detach(self, context_id: int) -> None:
+        pass
+
+    def run(self, payload: Any) -> Any:
+        raise TypeError(f"Expected a built-in payload (Noop, Echo, Sleep) in a bare worker. Received: {type(payload).__name__}.")
+
+
+def bare_handler(config: Any) -> BareHandler:
+    return BareHandler(config)
+
+
+def remote_error(exc: BaseException) -> RemoteError:
+    return RemoteError(type(exc).__name__, str(exc), traceback.format_exc())
+
+
+def load_factory(spec: str) -> Any:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Fault:
+    """Test-only fault injection (KERASFLEET_FAULT="kind@row[@marker]"), read once at start.
+
+    Fires in a call whose payload covers `row` (payloads with `start`/`stop`). kinds: kill
+    (SIGKILL), segfault, exit, raise, badpickle; with a marker path the fault fires only while
+    that file does not exist (it is created on firing), i.e. once across restarts.
+    """
+
+    def __init__(self, text: str | None) -> None:
+        self.kind: str | None = None
+        self.row, self.marker = -1, None
+        if text:
+            parts = text.split("@")
+            self.kind, self.row = parts[0], int(parts[1])
+            self.marker = parts[2] if len(parts) > 2 else None
+
+    def maybe_fire(self, conn: Any, payload: Any) -> None:
+        if self.kind is None:
+            return
+        start, stop = getattr(payload, "start", None), getattr(payload, "stop", None)
+        if start is None or stop is None or not start <= self.row < stop:
+            return
+        if self.marker is not None:
+            if os.path.exists(self.marker):
+                return
+            open(self.marker, "w").close()
+        if self.kind == "kill":
+            os.kill(os.getpid(), 9)
+        elif self.kind == "segfault":
+            import ctypes
+
+            ctypes.string_at(0)
+        elif self.kind == "exit":
+            os._exit(3)
+        elif self.kind == "badpickle":
+            conn.send_bytes(b"\x80\x05not a pickle")
+        elif self.kind == "raise":
+            raise RuntimeError(f"injected fault at row {self.row}")
+
+
+def _builtin(payload: Any) -> Any:
+    if isinstance(payload, Echo):
+        return payload.value
+    if isinstance(payload, Sleep):
+        time.sleep(payload.seconds)
+    return None
+
+
+def serve(conn: Any, init: WorkerInit) -> None:
+    started = time.perf_counter()
+    try:
+        handler: TaskHandler = load_factory(init.handler)(init.config)
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
+        conn.send(Fatal(remote_error(exc)))
+        return
+    conn.send(Ready(os.getpid(), dict(handler.info), time.perf_counter() - started))
+    fault = Fault(os.environ.get("KERASFLEET_FAULT"))
+    broken_contexts: dict[int, BaseException] = {}
+    builtins = (Noop, Echo, Sleep)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the caller is gone
+        if type(msg) is Call:
+            payload = msg.payload
+            try:
+                context = getattr(payload, "context_id", None)
+                if context is not None and context in broken_contexts:
+                    raise broken_contexts[context]
+                fault.maybe_fire(conn, payload)
+                result = _builtin(payload) if isinstance(payload, builtins) else handler.run(payload)
+            except Exception as exc:  # noqa: BLE001
+                conn.send(Failed(msg.task_id, remote_error(exc)))
+            else:
+                conn.send(Done(msg.task_id, result))
+        elif type(msg) is Attach:
+            try:
+                handler.attach(msg.context_id, msg.payload)
+            except Exception as exc:  # noqa: BLE001 - reported by the context's calls
+                broken_contexts[msg.context_id] = exc
+        elif type(msg) is Detach:
+            broken_contexts.pop(msg.context_id, None)
+            handler.detach(msg.context_id)
+        elif type(msg) is Stop:
+            sys.stdout.flush()
+            return
