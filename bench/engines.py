@@ -2,11 +2,13 @@
 
     KERAS_BACKEND=jax python bench/engines.py [--calls 10000]
 
-- the fp32 GEMM peak of this machine: ONNX Runtime MatMul 2048x2048, 1 thread and all cores;
+- the fp32 GEMM peak of this machine: the best ONNX Runtime MatMul over a few shapes (2048^2,
+  1024^2, 512^2 and the MLP-like 4096x256x256 and 1024x256x256), 1 thread and all cores;
 - on the MLP (32-256-256-10) and the small CNN: best `model.predict`, a warm fleet with the
   Keras engine, with the ONNX engine and with engine="auto", and a one-shot
   `kerasfleet.predict` with the default engine (plan cached) - as rows/s, ratio to the best
-  `model.predict`, and for the MLP as GFLOP/s and share of the GEMM peak;
+  `model.predict`, and as GFLOP/s and share of the GEMM peak (FLOPs per row counted from the
+  model's Dense and convolution layers);
 - `Predictor` latency for one row over `--calls` calls (p50, p99, p99/p50, retraces), with
   `model.predict` and `model(x)` for one row as the peers.
 """
@@ -22,40 +24,14 @@ from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERASFLEET_CACHE_DIR", tempfile.mkdtemp(prefix="kf-bench-cache-"))
+if "KERASFLEET_CACHE_DIR" not in os.environ:  # spawned children inherit it: no stray dirs
+    os.environ["KERASFLEET_CACHE_DIR"] = tempfile.mkdtemp(prefix="kf-bench-cache-")
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import CEILING_SHAPES, flops_per_row, gemm_ceiling  # noqa: E402
 from bulk import build  # noqa: E402
-
-MLP_FLOPS_PER_ROW = 2 * (32 * 256 + 256 * 256 + 256 * 10)
-
-
-def gemm_peak(threads: int, n: int = 2048) -> float:
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])],
-        "gemm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    a = np.random.rand(n, n).astype("float32")
-    feeds = {"a": a, "b": a}
-    session.run(None, feeds)
-    runs, started = 0, time.perf_counter()
-    while time.perf_counter() - started < 2.0:
-        session.run(None, feeds)
-        runs += 1
-    del onnx
-    return 2 * n**3 * runs / (time.perf_counter() - started) / 1e9
 
 
 def rate(fn, rows: int) -> float:
@@ -100,12 +76,12 @@ def bench_model(name: str, n: int, tmp: Path, peak: float, calls: int) -> None:
     started = time.perf_counter()
     kerasfleet.predict(path, x, progress=False)
     rows["kerasfleet.predict one-shot, default engine, plan cached (everything it starts)"] = n / (time.perf_counter() - started)
-    print(f"\n## {name}: {n:,} rows")
-    print("| path | rows/s | vs best model.predict |" + (" GFLOP/s | share of GEMM peak |" if name == "mlp" else ""))
-    print("| --- | ---: | ---: |" + (" ---: | ---: |" if name == "mlp" else ""))
+    flops = flops_per_row(model)
+    print(f"\n## {name}: {n:,} rows, {flops:,} FLOPs per row (Dense and conv layers)")
+    print("| path | rows/s | vs best model.predict | GFLOP/s | share of GEMM peak |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for label, r in rows.items():
-        extra = f" {r * MLP_FLOPS_PER_ROW / 1e9:.0f} | {r * MLP_FLOPS_PER_ROW / 1e9 / peak:.0%} |" if name == "mlp" else ""
-        print(f"| {label} | {r:,.0f} | {r / best:.2f}x |{extra}")
+        print(f"| {label} | {r:,.0f} | {r / best:.2f}x | {r * flops / 1e9:.0f} | {r * flops / 1e9 / peak:.0%} |")
     sys.stdout.flush()
     if name != "mlp":
         return
@@ -114,7 +90,7 @@ def bench_model(name: str, n: int, tmp: Path, peak: float, calls: int) -> None:
     print("| path | p50 ms | p99 ms | p99/p50 | retraces after warm-up |")
     print("| --- | ---: | ---: | ---: | ---: |")
     p50, p99 = latency(lambda: model.predict(one, verbose=0), min(calls, 1000))
-    print(f"| model.predict (1,000 calls) | {p50:.3f} | {p99:.3f} | {p99 / p50:.1f} | - |")
+    print(f"| model.predict ({min(calls, 1000):,} calls) | {p50:.3f} | {p99:.3f} | {p99 / p50:.1f} | - |")
     p50, p99 = latency(lambda: model(one, training=False), calls)
     print(f"| model(x) eager | {p50:.3f} | {p99:.3f} | {p99 / p50:.1f} | - |")
     for engine in ("keras", "onnx"):
@@ -139,11 +115,13 @@ def main() -> None:
     args = parser.parse_args()
     import keras
 
-
     cores = len(os.sched_getaffinity(0))
-    peak1, peak = gemm_peak(1), gemm_peak(cores)
+    (peak1, shape1), (peak, shape) = gemm_ceiling(1), gemm_ceiling(cores)
     print(f"# keras {keras.__version__}, backend {keras.backend.backend()}, {cores} cores")
-    print(f"fp32 GEMM peak (ONNX Runtime MatMul 2048^2): {peak1:.0f} GFLOP/s on 1 thread, {peak:.0f} GFLOP/s on {cores}")
+    print(
+        f"fp32 GEMM peak (best ONNX Runtime MatMul of {', '.join('x'.join(map(str, s)) for s in CEILING_SHAPES)}): "
+        f"{peak1:.0f} GFLOP/s on 1 thread ({'x'.join(map(str, shape1))}), {peak:.0f} GFLOP/s on {cores} ({'x'.join(map(str, shape))})"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="kf-engines-"))
     for name, n in (("mlp", 400_000), ("cnn", 40_000)):
         bench_model(name, n, tmp, peak, args.calls)

@@ -5,7 +5,8 @@
     sha256(model file) -> cache hit? ──no──► load (safe_mode), call once on a sample batch,
                                             model.export(format="onnx"), run the file in ONNX
                                             Runtime on the same batch, compare every output
-    <cache>/<hash>.onnx + <hash>.json  ◄──── ("ok", meta) | ("refused", numbers) | ("error", ...)
+    <cache>/<key>.onnx + <key>.json    ◄──── ("ok", meta) | ("refused", numbers) | ("error", ...)
+    <cache>/<key>.refused.json         ◄──── (a refusal is remembered: the same key never exports again)
 
 The export runs in its own process so that the caller never imports Keras or TensorFlow, and
 always on the TensorFlow backend (the `.keras` format is backend-neutral; tf2onnx is the
@@ -15,13 +16,18 @@ is refused with the numbers, never used. ONNX workers then import only NumPy and
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
+import inspect
 import json
 import os
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..cache import cache_dir, model_hash
+from ..cache import cache_dir, locked, model_hash, short_hash, write_atomic
 from ..errors import ModelLoadError, RemoteTraceback, WorkerError
 from ..runtime import RECORD, LocalWorker, Supervisor, WorkerInit, WorkerSlot
 from .model_file import ModelFile, Signature
@@ -33,6 +39,9 @@ ATOL = 1e-5
 SAMPLE_ROWS = 64
 EXPORT_TIMEOUT_S = 600.0
 _FORMAT = 1  # bump when the cached files' layout changes
+# Whatever can change the exported graph or the parity check's verdict without changing the
+# model file. TensorFlow is installed under either name; a missing one is part of the key too.
+_TOOLS = ("keras", "tensorflow", "tensorflow-cpu", "tf2onnx", "onnx", "onnxruntime")
 
 
 class ExportRefused(ModelLoadError):
@@ -54,31 +63,111 @@ def export(
     rtol: float = RTOL,
     atol: float = ATOL,
 ) -> OnnxModel:
-    """The checked ONNX file for `model`, from the cache or exported now (a few seconds)."""
+    """The checked ONNX file for `model`, from the cache or exported now (a few seconds).
 
-    # The tolerance is part of the key: a stricter check must run again, not reuse a pass.
-    key = f"{model_hash(model.path)}-v{_FORMAT}-r{rtol:g}-a{atol:g}"
+    Raises ExportRefused, also when an earlier export under the same key was refused: a model
+    that does not convert stays refused until something in its key changes.
+    """
+    key = export_key(model, custom_objects, safe_mode, rtol, atol)
     folder = cache_dir() / "onnx"
-    onnx_path, meta_path = folder / f"{key}.onnx", folder / f"{key}.json"
-    if not (onnx_path.is_file() and meta_path.is_file()):
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{key}.{os.getpid()}.tmp.onnx"
-        result = _run_export(ExportTask(str(model.path), str(tmp), custom_objects, model.signature, safe_mode, rtol, atol))
-        if result[0] == "refused":
-            tmp.unlink(missing_ok=True)
-            raise ExportRefused(result[1])
-        if result[0] == "error":
-            tmp.unlink(missing_ok=True)
-            error = ModelLoadError(f"The ONNX export failed: {result[1]}")
-            error.__cause__ = RemoteTraceback(result[2])
-            raise error
-        os.replace(tmp, onnx_path)  # atomic: a concurrent reader sees the whole file or none
-        meta_path.write_text(json.dumps(result[1], indent=1))
-    meta = json.loads(meta_path.read_text())
+    onnx_path, meta_path, refused_path = folder / f"{key}.onnx", folder / f"{key}.json", folder / f"{key}.refused.json"
+    meta = _cached(onnx_path, meta_path, refused_path)
+    if meta is None:
+        # Two processes (or threads) asking for the same export: one runs it, the other waits
+        # here and then finds the stored result instead of exporting a second time.
+        with locked(folder / key):
+            meta = _cached(onnx_path, meta_path, refused_path)
+            if meta is None:
+                meta = _export_and_store(model, key, custom_objects, safe_mode, rtol, atol)
     if out is not None:
         Path(out).write_bytes(onnx_path.read_bytes())
         return OnnxModel(Path(out), meta)
     return OnnxModel(onnx_path, meta)
+
+
+def export_key(model: ModelFile, custom_objects: dict[str, Any] | None, safe_mode: bool, rtol: float, atol: float) -> str:
+    """The cache key of `model`'s export: the model file and everything else that decides the result.
+
+    The tolerance is in it (a stricter check must run again, not reuse a pass), and so are the
+    exporter's and runtime's versions, the source of the custom classes (the file stores only
+    their names: an edited layer must be exported again) and safe_mode (it decides what loads).
+    """
+    custom = tuple(sorted((str(name), _object_source(value)) for name, value in (custom_objects or {}).items()))
+    modules = tuple((m, _module_source_hash(m)) for m in model.signature.custom_modules)
+    parts = short_hash(tool_versions(), modules, custom, bool(safe_mode), float(rtol), float(atol))
+    return f"{model_hash(model.path)}-v{_FORMAT}-r{rtol:g}-a{atol:g}-{parts}"
+
+
+@functools.lru_cache(maxsize=1)
+def tool_versions() -> tuple[tuple[str, str | None], ...]:
+    """(distribution, version or None) of the export's tools, read from their metadata.
+
+    Read once per process and without importing them: the caller never imports TensorFlow.
+    """
+    versions: list[tuple[str, str | None]] = []
+    for name in _TOOLS:
+        try:
+            versions.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            versions.append((name, None))
+    return tuple(versions)
+
+
+def _module_source_hash(module: str) -> str:
+    """sha256 of the module's file, found without importing it (its parent packages may be)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    origin = spec.origin if spec is not None else None
+    if origin is None or not os.path.isfile(origin):
+        return "unavailable"  # the export itself says what is missing
+    with open(origin, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:32]
+
+
+def _object_source(value: Any) -> str:
+    try:
+        return inspect.getsource(value)
+    except (OSError, TypeError):  # defined in a REPL, built by type(), or not a class/function
+        target = value if hasattr(value, "__qualname__") else type(value)
+        return f"{getattr(target, '__module__', '')}.{target.__qualname__}"
+
+
+def _cached(onnx_path: Path, meta_path: Path, refused_path: Path) -> dict[str, Any] | None:
+    """The stored export's meta, None when there is none; raises the stored refusal."""
+    if refused_path.is_file():
+        raise ExportRefused(json.loads(refused_path.read_text())["message"])
+    if onnx_path.is_file() and meta_path.is_file():
+        meta: dict[str, Any] = json.loads(meta_path.read_text())
+        return meta
+    return None
+
+
+def _export_and_store(
+    model: ModelFile, key: str, custom_objects: dict[str, Any] | None, safe_mode: bool, rtol: float, atol: float
+) -> dict[str, Any]:
+    folder = cache_dir() / "onnx"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{key}.{os.getpid()}.tmp.onnx"
+    result = _run_export(ExportTask(str(model.path), str(tmp), custom_objects, model.signature, safe_mode, rtol, atol))
+    if result[0] == "refused":
+        tmp.unlink(missing_ok=True)
+        # Remembered: the parity check is deterministic for a key, so running it again would
+        # only repeat the same verdict after the same slow export.
+        write_atomic(folder / f"{key}.refused.json", json.dumps({"message": result[1]}, indent=1))
+        raise ExportRefused(result[1])
+    if result[0] == "error":
+        # Not remembered: a crash, a timeout or a missing package may not happen next time.
+        tmp.unlink(missing_ok=True)
+        error = ModelLoadError(f"The ONNX export failed: {result[1]}")
+        error.__cause__ = RemoteTraceback(result[2])
+        raise error
+    meta: dict[str, Any] = result[1]
+    # The .onnx first, then its meta: a reader that finds the meta finds the whole file.
+    os.replace(tmp, folder / f"{key}.onnx")
+    write_atomic(folder / f"{key}.json", json.dumps(meta, indent=1))
+    return meta
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,10 @@ def _cgroup_dirs(root: Path, proc_cgroup: str | None) -> list[tuple[str, Path]]:
             found.append(("v2", root / rel))
             found.append(("v2", root))
         elif "cpu" in controllers.split(",") or "memory" in controllers.split(","):
-            for name in controllers.split(","):
+            # Joint hierarchies are mounted under their full name ("cpu,cpuacct"); the
+            # per-controller names beside it are symlinks that not every system creates.
+            names = [controllers, *controllers.split(",")] if "," in controllers else [controllers]
+            for name in names:
                 found.append(("v1", root / name / rel))
                 found.append(("v1", root / name))
     if not found:

@@ -266,7 +266,7 @@ class Supervisor:
         try:
             for slot in self._slots:
                 self._spawn(slot)
-            while not self._take_inbox():
+            while self._broken is None and not self._take_inbox():
                 self._dispatch()
                 for obj in wait([self._wake_r, *self._by_obj], self._timeout()):
                     self._service(obj)

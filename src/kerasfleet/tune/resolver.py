@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engines import ENGINES, default_batch_size, row_bytes
-from ..engines.export import OnnxModel, export
+from ..engines import export as exporting  # looked up at call time: tests replace it
+from ..engines.export import OnnxModel
 from ..engines.model_file import ModelFile
 from ..errors import FleetError, InputError
 from ..runtime import Plan, make_plan
@@ -80,7 +81,7 @@ def resolve(
             if workers is None and threads_per_worker is None:
                 plan = make_plan(tuned.workers, tuned.threads_per_worker, devices=devices)
             batch_size = batch_size or tuned.batch_size
-    onnx = export(model, custom_objects=custom_objects, safe_mode=safe_mode) if engine == "onnx" else None
+    onnx = exporting.export(model, custom_objects=custom_objects, safe_mode=safe_mode) if engine == "onnx" else None
     return Resolution(engine, plan, batch_size, tuned, onnx)
 
 
@@ -96,7 +97,7 @@ def resolve_in_process(
         if tuned is not None and not tuned.in_process_rows_per_s:
             return "keras", None  # the trial found no verified ONNX export for this model
     try:
-        return "onnx", export(model, custom_objects=custom_objects, safe_mode=safe_mode)
+        return "onnx", exporting.export(model, custom_objects=custom_objects, safe_mode=safe_mode)
     except (FleetError, ImportError) as exc:
         if engine == "onnx":
             raise

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..cache import cache_dir, locked, model_hash, write_atomic
 from ..engines import default_batch_size
-from ..engines.export import export
+from ..engines import export as exporting  # looked up at call time: tests replace it
 from ..engines.model_file import ModelFile, Signature
 from ..engines.onnx_engine import OnnxEngine
 from ..engines.runner import Runner
@@ -259,7 +259,7 @@ def tune(
 
     onnx = None
     try:
-        onnx = export(model, custom_objects=custom_objects, safe_mode=safe_mode)
+        onnx = exporting.export(model, custom_objects=custom_objects, safe_mode=safe_mode)
     except (FleetError, ImportError) as exc:
         note = f"ONNX not used: {exc}"
         warnings.warn(f"kerasfleet: {note}", RuntimeWarning, stacklevel=2)
