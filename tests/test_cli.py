@@ -11,9 +11,11 @@ import pytest
 from conftest import assert_same, load_x, load_y
 
 
-def cli(*args, timeout=240):
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    return subprocess.run([sys.executable, "-m", "kerasfleet", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+def cli(*args, timeout=240, **env_vars):
+    env = {**os.environ, "KERAS_BACKEND": "jax", **env_vars}
+    return subprocess.run(
+        [sys.executable, "-m", "kerasfleet", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,19 @@ def folder(zoo):
 
 def test_predict_npy_to_npy(folder, tmp_path):
     np.save(tmp_path / "x.npy", load_x(folder, "mlp"))
-    result = cli("predict", folder / "mlp.keras", tmp_path / "x.npy", "-o", tmp_path / "y.npy", "--workers", 2, "--batch-size", 256, "--engine", "keras")
+    result = cli(
+        "predict",
+        folder / "mlp.keras",
+        tmp_path / "x.npy",
+        "-o",
+        tmp_path / "y.npy",
+        "--workers",
+        2,
+        "--batch-size",
+        256,
+        "--engine",
+        "keras",
+    )
     assert result.returncode == 0, result.stderr
     assert "rows/s" in result.stderr
     assert_same(np.load(tmp_path / "y.npy"), load_y(folder, "mlp"))
@@ -31,7 +45,17 @@ def test_predict_npy_to_npy(folder, tmp_path):
 
 def test_predict_multi_io_npz_to_npz(folder, tmp_path):
     np.savez(tmp_path / "x.npz", x=load_x(folder, "multi_output"))
-    result = cli("predict", folder / "multi_output.keras", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "--workers", 1, "--engine", "keras")
+    result = cli(
+        "predict",
+        folder / "multi_output.keras",
+        tmp_path / "x.npz",
+        "-o",
+        tmp_path / "y.npz",
+        "--workers",
+        1,
+        "--engine",
+        "keras",
+    )
     assert result.returncode == 0, result.stderr
     assert_same(dict(np.load(tmp_path / "y.npz")), load_y(folder, "multi_output"))
 
@@ -44,11 +68,33 @@ def test_bad_input_exits_non_zero_with_the_reason(folder, tmp_path):
     assert not (tmp_path / "y.npy").exists()
 
 
-def test_info_json(folder):
-    result = cli("info", folder / "mlp.keras", "--json")
-    assert result.returncode == 0, result.stderr
-    facts = json.loads(result.stdout)
+def test_info_json(folder, tmp_path):
+    cache = str(tmp_path / "cache")  # empty: nothing measured for this model yet
+
+    def info():
+        result = cli("info", folder / "mlp.keras", "--json", KERASFLEET_CACHE_DIR=cache)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    facts = info()
     assert facts["usable_cores"] == len(os.sched_getaffinity(0))
     assert facts["workers"] * facts["threads_per_worker"] <= facts["usable_cores"]
-    assert facts["batch_size"] == 1024 and facts["backend"] == "jax" and facts["engine"] == "auto"
-    assert facts["plan_in_force"].startswith(("engine ", "not measured yet"))
+    assert facts["backend"] == "jax" and facts["engine"] == "auto"
+    assert facts["plan_in_force"].startswith("not measured yet")
+    # info reports the default batch size of the Keras engine (engine="auto" counts as "keras"
+    # there), whatever a tuned plan says: about 4 MB of input per batch, capped at 1024 rows on
+    # CPU, and the MLP's rows are 32 float32 = 128 bytes, so 4 MB / 128 B = 32768 -> 1024.
+    assert facts["batch_size"] == 1024
+
+    tuned = cli("tune", folder / "mlp.keras", "--seconds", 1, KERASFLEET_CACHE_DIR=cache)
+    assert tuned.returncode == 0, tuned.stderr
+    plan_line = next(line for line in tuned.stdout.splitlines() if line.startswith("plan: "))
+    described = plan_line.removeprefix("plan: ")
+    engine = described.split(",")[0].removeprefix("engine ")
+    assert engine in ("onnx", "keras"), plan_line
+    assert f"stored in {cache}" in tuned.stdout
+
+    facts = info()
+    assert facts["plan_in_force"].startswith(f"engine {engine},")
+    assert facts["plan_in_force"] == described  # the stored plan, read back as tune printed it
+    assert facts["batch_size"] == 1024  # still the Keras default, not the plan's batch (see above)

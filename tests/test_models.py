@@ -1,5 +1,7 @@
 """Model sources: paths (.keras, .h5), in-memory models, custom objects, and clear refusals."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -38,7 +40,10 @@ def test_corrupt_model_files_are_refused_before_start(tmp_path):
 
 
 def test_unknown_custom_layer_gets_a_hint_before_any_worker(folder):
-    with pytest.raises(kerasfleet.ModelLoadError, match=r"'Secret'.*neither in custom_objects nor importable.*custom_objects=\{'Secret': Secret\}"):
+    with pytest.raises(
+        kerasfleet.ModelLoadError,
+        match=r"'Secret'.*neither in custom_objects nor importable.*custom_objects=\{'Secret': Secret\}",
+    ):
         kerasfleet.predict(folder / "unimportable.keras", np.zeros((2, 4), "float32"))
 
 
@@ -69,7 +74,14 @@ def test_h5_model_and_custom_objects(folder, tmp_path):
     model = keras.saving.load_model(folder / "custom_layer.keras")
     path = tmp_path / "legacy.h5"
     model.save(path)
-    got = kerasfleet.predict(path, load_x(folder, "custom_layer"), workers=1, custom_objects={"ScaledDense": ScaledDense}, engine="keras", progress=False)
+    got = kerasfleet.predict(
+        path,
+        load_x(folder, "custom_layer"),
+        workers=1,
+        custom_objects={"ScaledDense": ScaledDense},
+        engine="keras",
+        progress=False,
+    )
     assert_same(got, load_y(folder, "custom_layer"))
 
 
@@ -86,10 +98,60 @@ def test_lambda_layers_need_an_explicit_opt_out_of_safe_mode(tmp_path):
     np.testing.assert_allclose(kerasfleet.predict(path, x, workers=1, safe_mode=False, engine="keras"), x * 3.0)
 
 
-def test_public_api_is_complete():
-    import kerasfleet as kf
+def _init_source():
+    """`_LAZY`, `__all__` and the TYPE_CHECKING imports, read from kerasfleet/__init__.py's source."""
+    import ast
 
-    public = {name for name in dir(kf) if not name.startswith("_")} | {"__version__"}
-    assert set(kf.__all__) == public
-    for name in kf.__all__:
-        assert getattr(kf, name) is not None
+    tree = ast.parse(Path(kerasfleet.__file__).read_text())
+    lazy = all_names = None
+    typed = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id == "_LAZY":
+                lazy = ast.literal_eval(node.value)
+            elif node.targets[0].id == "__all__":
+                all_names = ast.literal_eval(node.value)
+        elif isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.level == 1, ast.dump(imp)
+                typed.update({alias.asname or alias.name: "." + imp.module for alias in imp.names})
+    assert lazy and all_names and typed, "kerasfleet/__init__.py no longer has _LAZY, __all__ and TYPE_CHECKING imports"
+    return lazy, all_names, typed
+
+
+def test_public_api_is_complete():
+    import importlib
+    import re
+    import subprocess
+    import sys
+
+    lazy, all_names, typed = _init_source()
+    # The three lists in __init__.py agree: what is exported, what loads lazily, what type checkers see.
+    assert len(all_names) == len(set(all_names))
+    assert set(all_names) == set(lazy) | {"__version__"}
+    assert typed == lazy
+    assert kerasfleet.__all__ == all_names
+    # Each lazy name is the object defined in the module it names (not a re-export from elsewhere).
+    for name, module_name in lazy.items():
+        module = importlib.import_module("kerasfleet" + module_name)
+        obj = getattr(module, name)
+        assert obj.__module__ == module.__name__, f"{name} is defined in {obj.__module__}, _LAZY says {module.__name__}"
+        assert getattr(kerasfleet, name) is obj
+    star = {}
+    exec("from kerasfleet import *", star)
+    assert set(all_names) <= set(star)
+    # Every name the README and the package docstring use as kerasfleet.<Name>, and every error
+    # class the README names, is exported.
+    root = Path(kerasfleet.__file__).parents[2]
+    text = (root / "README.md").read_text() + kerasfleet.__doc__
+    used = set(re.findall(r"\bkerasfleet\.([A-Za-z_]\w*)", text)) | set(re.findall(r"`(\w+Error)`", text))
+    assert {"predict", "Fleet", "Predictor", "make_plan", "WorkerCrashedError"} <= used
+    assert used <= set(all_names), f"documented but not exported: {sorted(used - set(all_names))}"
+    # `import kerasfleet` is lazy: a fresh process imports no framework, not even NumPy.
+    probe = (
+        "import sys, kerasfleet; print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'keras', 'jax', 'jaxlib', 'tensorflow', 'torch', 'onnxruntime', 'onnx', 'numpy'} "
+        "| {m for m in sys.modules if m.startswith('kerasfleet.')}))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "[]", f"import kerasfleet imported {result.stdout.strip()}"

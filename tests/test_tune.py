@@ -1,16 +1,22 @@
 """engine="auto": the measured trial, the stored plan, and when no worker starts at all."""
 
+import contextlib
+import dataclasses
 import json
+import shutil
+import threading
 import warnings
 
 import numpy as np
+import psutil
 import pytest
 
 import kerasfleet
 from conftest import assert_same, load_x, load_y
 from kerasfleet import Fleet
+from kerasfleet.cache import cache_dir
 from kerasfleet.engines.model_file import resolve_model
-from kerasfleet.tune import cached_plan, get_plan, plan_path, tune
+from kerasfleet.tune import TunedPlan, cached_plan, get_plan, plan_path, tune
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +26,7 @@ def folder(zoo):
 
 @pytest.fixture(scope="module")
 def plan(folder):
-    return tune(resolve_model(folder / "mlp.keras"), backend="jax", seconds=2.0)
+    return tune(resolve_model(folder / "mlp.keras"), backend="jax", seconds=2.0, fleet_factory=Fleet)
 
 
 def test_trial_measures_engines_splits_and_in_process(plan):
@@ -36,21 +42,85 @@ def test_plan_is_stored_and_reused(folder, plan):
     path = plan_path(model, "jax")
     stored = json.loads(path.read_text())
     assert stored["engine"] == plan.engine and stored["machine"]["cores"] >= 1
-    again = get_plan(model, backend="jax")  # no trial: read back as stored
+    again = get_plan(model, backend="jax", fleet_factory=Fleet)  # no trial: read back as stored
     assert again == cached_plan(model, "jax") and again.table == plan.table
 
 
-def test_auto_one_shot_runs_in_process_when_starting_workers_does_not_pay(folder, plan, monkeypatch):
-    assert plan.use_in_process(100) == (100 / plan.in_process_rows_per_s <= plan.start_s + 100 / plan.rows_per_s)
-    if not plan.use_in_process(100):
-        pytest.fail(f"expected in-process to win for 100 rows on a tiny MLP: {plan.describe()}")
+@contextlib.contextmanager
+def watch_processes(monkeypatch):
+    """Records the child processes that exist at any time inside the block (sampled every 10 ms)
+    and every Fleet built: {"children": {pid: cmdline}, "fleets": int}."""
+    seen = {"children": {}, "fleets": 0}
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    build = Fleet.__init__
 
-    def no_workers(self):
-        raise AssertionError("a worker was started")
+    def counting_init(self, *args, **kwargs):
+        seen["fleets"] += 1
+        build(self, *args, **kwargs)
 
-    monkeypatch.setattr(Fleet, "_start", no_workers)
-    x = load_x(folder, "mlp")[:100]
-    assert_same(kerasfleet.predict(folder / "mlp.keras", x, backend="jax"), {"output_0": load_y(folder, "mlp")["output_0"][:100]})
+    monkeypatch.setattr(Fleet, "__init__", counting_init)
+    stop = threading.Event()
+
+    def sample():
+        while True:
+            for p in me.children(recursive=True):
+                if p.pid not in before:
+                    with contextlib.suppress(psutil.Error):
+                        seen["children"].setdefault(p.pid, " ".join(p.cmdline()))
+            if stop.wait(0.01):
+                return
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        sampler.join()
+        monkeypatch.setattr(Fleet, "__init__", build)
+
+
+def test_in_process_crossover_from_hand_picked_numbers():
+    plan = TunedPlan("onnx", 2, 1, 256, rows_per_s=4000.0, start_s=1.0, in_process_rows_per_s=1000.0)
+    assert plan.use_in_process(1) and plan.use_in_process(1000)  # 1000 rows: 1.0 s in-process, 1.25 s with workers
+    assert plan.use_in_process(1333) and not plan.use_in_process(1334)  # even at 4000 / 3 = 1333.3 rows
+    assert not plan.use_in_process(2000)  # 2000 rows: 2.0 s in-process, 1.5 s with workers
+    assert "used by one-shot calls below 1,333 rows" in plan.describe()
+    faster_here = dataclasses.replace(plan, in_process_rows_per_s=5000.0)
+    assert faster_here.use_in_process(10**9) and "of any size" in faster_here.describe()
+    assert not dataclasses.replace(plan, in_process_rows_per_s=None).use_in_process(1)  # no verified ONNX export
+
+
+def test_auto_one_shot_runs_in_process_when_starting_workers_does_not_pay(folder, plan, monkeypatch, tmp_path):
+    model = folder / "mlp.keras"
+    x, y = load_x(folder, "mlp"), load_y(folder, "mlp")["output_0"]
+    # With the measured plan, 100 rows of a tiny MLP run in this process: no Fleet, no process.
+    assert plan.use_in_process(100), f"expected in-process to win for 100 rows on a tiny MLP: {plan.describe()}"
+    with watch_processes(monkeypatch) as seen:
+        got = kerasfleet.predict(model, x[:100], backend="jax")
+    assert seen == {"children": {}, "fleets": 0}
+    assert_same(got, {"output_0": y[:100]})
+
+    # Both sides of the crossover, with a stored plan of hand-picked rates (the measured one may
+    # favour in-process ONNX at any size on this machine): in-process 1000 rows/s, workers 4000
+    # rows/s after 1 s of start-up, so 1000 rows stay here and 2000 rows start the workers.
+    exports = cache_dir() / "onnx"
+    monkeypatch.setenv("KERASFLEET_CACHE_DIR", str(tmp_path))
+    shutil.copytree(exports, tmp_path / "onnx")  # the verified export, so no second export runs
+    picked = dataclasses.replace(plan, rows_per_s=4000.0, start_s=1.0, in_process_rows_per_s=1000.0)
+    stored = plan_path(resolve_model(model), "jax")
+    stored.parent.mkdir(parents=True)
+    stored.write_text(json.dumps(dataclasses.asdict(picked)))
+    with watch_processes(monkeypatch) as seen:
+        got = kerasfleet.predict(model, x[:1000], backend="jax")
+    assert seen == {"children": {}, "fleets": 0}
+    assert_same(got, {"output_0": y[:1000]})
+    with watch_processes(monkeypatch) as seen:
+        got = kerasfleet.predict(model, x[:2000], backend="jax")
+    workers = [cmd for cmd in seen["children"].values() if "kerasfleet.runtime.bootstrap" in cmd]
+    assert seen["fleets"] == 1 and len(workers) == picked.workers, seen
+    assert_same(got, {"output_0": y[:2000]})
 
 
 def test_auto_fleet_uses_the_plan(folder, plan):
@@ -71,7 +141,7 @@ def test_failed_export_falls_back_to_keras_with_the_reason(folder, monkeypatch, 
     monkeypatch.setattr(onnx_module, "export", broken_export)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fallback = tune(resolve_model(folder / "embedding.keras"), backend="jax", seconds=0.5)
+        fallback = tune(resolve_model(folder / "embedding.keras"), backend="jax", seconds=0.5, fleet_factory=Fleet)
     assert fallback.engine == "keras" and "tf2onnx missing in this test" in fallback.note
     assert any("tf2onnx missing in this test" in str(w.message) for w in caught)
     assert fallback.in_process_rows_per_s is None and not fallback.use_in_process(1)

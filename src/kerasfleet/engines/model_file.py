@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -112,7 +113,7 @@ def resolve_model(model: Any, custom_objects: dict[str, Any] | None = None, *, f
     try:
         config = read_config(path)
         signature = signature_from_config(config)
-        custom = _custom_classes(config)
+        custom = [(name, module or _registered_module(registered), registered) for name, module, registered in _custom_classes(config)]
         if for_workers:
             _check_custom_classes(custom, custom_objects or {}, path)
         modules = tuple(sorted({m for _, m, _ in custom if m and m != "__main__" and not m.startswith("keras")}))
@@ -255,6 +256,24 @@ def _check_custom_classes(custom: list[tuple[str, str | None, str]], custom_obje
             "defined in an importable module, or decorate it with @keras.saving.register_keras_serializable() "
             "in such a module."
         )
+
+
+def _registered_module(registered: str) -> str | None:
+    """Where a class registered with Keras lives, when the caller has Keras imported.
+
+    A `.keras` config names the module of a registered class only sometimes; the caller's own
+    registry knows it (and whether it is the caller's `__main__`, which workers never run).
+    """
+    keras = sys.modules.get("keras")
+    saving = getattr(keras, "saving", None)
+    if saving is None:
+        return None
+    try:
+        obj = saving.get_registered_object(registered)
+    except Exception:  # noqa: BLE001 - an odd registry entry: fall back to the config alone
+        return None
+    module = getattr(obj, "__module__", None)
+    return str(module) if module else None
 
 
 def _importable(module: str) -> bool:

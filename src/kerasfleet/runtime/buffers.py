@@ -121,11 +121,12 @@ class SharedBuffers:
     fresh pages on every call. Only segments no worker can still write to come back here.
     """
 
-    def __init__(self, keep: int = 0, shm_free: Callable[[], int] = shm_free_bytes) -> None:
+    def __init__(self, keep: int = 0, shm_free: Callable[[], int] | None = None) -> None:
         self._segments: list[Segment] = []
         self._free: list[Segment] = []
         self._keep = keep
-        self._shm_free = shm_free
+        # Looked up at each segment: /dev/shm fills and empties while a fleet lives.
+        self._shm_free = shm_free or (lambda: shm_free_bytes())
         self._tmpdir: str | None = None
         self._lock = threading.Lock()
 

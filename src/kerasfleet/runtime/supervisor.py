@@ -159,6 +159,7 @@ class Supervisor:
         self._inbox: deque[tuple[str, Any]] = deque()
         self._queue: deque[_Task] = deque()
         self._workers: list[_Worker] = []
+        self._unstarted: list[WorkerSlot] = []  # slots whose worker could not be started yet
         self._by_obj: dict[Any, _Worker] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -267,6 +268,8 @@ class Supervisor:
             for slot in self._slots:
                 self._spawn(slot)
             while self._broken is None and not self._take_inbox():
+                for slot in [self._unstarted.pop() for _ in range(len(self._unstarted))]:
+                    self._spawn(slot)
                 self._dispatch()
                 for obj in wait([self._wake_r, *self._by_obj], self._timeout()):
                     self._service(obj)
@@ -280,10 +283,7 @@ class Supervisor:
         while self._inbox:
             op, item = self._inbox.popleft()
             if op == "task":
-                if self._broken is not None:
-                    _fail(item.future, FleetClosedError("Cannot run tasks, as the fleet is broken."), self._broken)
-                else:
-                    self._queue.append(item)
+                self._queue.append(item)
             elif op == "detach":
                 for w in self._workers:
                     if item.id in w.attached:
@@ -418,7 +418,11 @@ class Supervisor:
             raise ValueError(f"unknown message {kind.__name__}")
 
     def _on_death(self, w: _Worker, cause: str) -> None:
-        """Requeue or fail what the dead worker held, by each task's policy; start a replacement."""
+        """Requeue or fail what the dead worker held, by each task's policy; start a replacement.
+
+        The replacement is started before any future is failed: a caller woken by the failure
+        then already sees the new worker (e.g. in `wait_ready`).
+        """
         if w.dead:
             return
         w.dead = True
@@ -426,12 +430,13 @@ class Supervisor:
         tail = w.handle.stderr_tail()
         w.handle.close()
         self._workers.remove(w)
-        self._index()
         if self._closing or self._broken is not None:
+            self._index()
             return
         if not w.ready:
             self._start_failures += 1
             if self._start_failures > self.max_start_failures:
+                self._index()
                 self._break(
                     WorkerStartError(
                         f"Worker processes keep dying while starting ({self._start_failures} times, last: {cause}). "
@@ -440,34 +445,27 @@ class Supervisor:
                     )
                 )
                 return
-        requeue = []
+        requeue: list[_Task] = []
+        failures: list[tuple[_Task, BaseException]] = []
         for position, task in enumerate(w.outstanding.values()):
             if task.future.done():
                 continue
             if task.end == "timeout":
-                _fail(
-                    task.future,
-                    TaskTimeoutError(
-                        f"{task.label} ran past its {task.timeout:g} s deadline; its worker (pid {w.handle.pid}) was killed and replaced."
-                    ),
-                )
+                message = f"{task.label} ran past its {task.timeout:g} s deadline; its worker (pid {w.handle.pid}) was killed and replaced."
+                failures.append((task, TaskTimeoutError(message)))
             elif task.end == "cancel":
-                _fail(task.future, CancelledError(f"{task.label} was cancelled; its worker was killed and replaced"))
+                failures.append((task, CancelledError(f"{task.label} was cancelled; its worker was killed and replaced")))
             elif position == 0:  # the task it was running; the rest only waited behind it
                 task.deaths += 1
                 if not task.retry.requeue or task.deaths >= task.retry.max_deaths:
                     times = "once" if task.deaths == 1 else f"{task.deaths} times"
                     hint = (
-                        " The same task crashes it every time: check its rows for values the model cannot handle, or lower batch_size if memory runs out."
+                        " The same task crashes it every time: check its rows for values the model cannot handle, "
+                        "or lower batch_size if memory runs out."
                         if task.deaths > 1
                         else ""
                     )
-                    _fail(
-                        task.future,
-                        WorkerCrashedError(
-                            f"A worker died {times} while {task.label} (last: pid {w.handle.pid}, {cause}).{hint}"
-                        ),
-                    )
+                    failures.append((task, WorkerCrashedError(f"A worker died {times} while {task.label} (last: pid {w.handle.pid}, {cause}).{hint}")))
                 else:
                     requeue.append(task)
             else:
@@ -476,14 +474,20 @@ class Supervisor:
         if w.ready:
             self.restarts += 1
         self._spawn(w.slot)
+        for task, error in failures:
+            _fail(task.future, error)
 
     def _spawn(self, slot: WorkerSlot) -> None:
         try:
             handle = self._spawn_handle(slot)
         except OSError as exc:
+            # Out of processes or descriptors, perhaps for a moment: try again next round.
             self._start_failures += 1
             if self._start_failures > self.max_start_failures:
                 self._break(WorkerStartError(f"Expected to start a worker process. Received: {type(exc).__name__}: {exc}."))
+            else:
+                self._unstarted.append(slot)
+            self._index()
             return
         self._workers.append(_Worker(handle, time.monotonic() + self.start_timeout))
         self._index()
@@ -533,11 +537,7 @@ class Supervisor:
             except IndexError:
                 return
             if op == "task":
-                _fail(
-                    item.future,
-                    FleetClosedError("Cannot run tasks, as the fleet has been " + ("broken." if reason else "closed.")),
-                    reason,
-                )
+                _fail(item.future, reason or FleetClosedError("Cannot run tasks, as the fleet has been closed."))
             elif op == "stop":
                 self._inbox.appendleft((op, item))
                 return
@@ -555,13 +555,14 @@ class Supervisor:
             while w.handle.is_alive() and time.monotonic() < deadline:
                 time.sleep(0.01)
             w.handle.close()  # kills it if it is still there
-        reason = self._broken
-        error = FleetClosedError("The fleet was " + ("broken" if reason else "closed") + " before this task finished.")
+        # What broke the fleet (a model that cannot load, workers that cannot start) is what
+        # every waiting caller sees; a plain close says so.
+        error = self._broken or FleetClosedError("The fleet was closed before this task finished.")
         for w in self._workers:
             for task in w.outstanding.values():
-                _fail(task.future, error, reason)
+                _fail(task.future, error)
         for task in self._queue:
-            _fail(task.future, error, reason)
+            _fail(task.future, error)
         self._queue.clear()
         self._workers.clear()
         self._by_obj = {}

@@ -69,7 +69,8 @@ def load_factory(spec: str) -> Any:
 class Fault:
     """Test-only fault injection (KERASFLEET_FAULT="kind@row[@marker]"), read once at start.
 
-    Fires in a call whose payload covers `row` (payloads with `start`/`stop`). kinds: kill
+    Fires in a call whose payload covers `row` (payloads with `start`/`stop`), or with
+    row "probe" in a call that compiles a new shape. kinds: kill
     (SIGKILL), segfault, exit, raise, badpickle; with a marker path the fault fires only while
     that file does not exist (it is created on firing), i.e. once across restarts.
     """
@@ -79,15 +80,19 @@ class Fault:
         self.row, self.marker = -1, None
         if text:
             parts = text.split("@")
-            self.kind, self.row = parts[0], int(parts[1])
+            self.kind, self.row = parts[0], -2 if parts[1] == "probe" else int(parts[1])
             self.marker = parts[2] if len(parts) > 2 else None
 
     def maybe_fire(self, conn: Any, payload: Any) -> None:
         if self.kind is None:
             return
-        start, stop = getattr(payload, "start", None), getattr(payload, "stop", None)
-        if start is None or stop is None or not start <= self.row < stop:
-            return
+        if self.row == -2:  # "kind@probe": fires while compiling a new shape
+            if type(payload).__name__ != "Probe":
+                return
+        else:
+            start, stop = getattr(payload, "start", None), getattr(payload, "stop", None)
+            if start is None or stop is None or not start <= self.row < stop:
+                return
         if self.marker is not None:
             if os.path.exists(self.marker):
                 return

@@ -1,0 +1,10 @@
+"""Worker handlers for runtime tests, imported by bare workers through the caller's sys.path."""
+
+import os
+import sys
+
+
+def dying_handler(config):
+    sys.stderr.write("boom: this worker cannot start (runtime_helpers.dying_handler)\n")
+    sys.stderr.flush()
+    os._exit(1)
