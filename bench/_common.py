@@ -66,7 +66,10 @@ def matmul_rate(threads: int, m: int, k: int, n: int, seconds: float = 2.0) -> f
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["c"])],
         "gemm",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [k, n])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [k, n]),
+        ],
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, n])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -64,7 +64,14 @@ def build(name):
 
     keras.utils.set_random_seed(0)
     if name == "mlp":
-        model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10)])
+        model = keras.Sequential(
+            [
+                keras.Input((32,)),
+                keras.layers.Dense(256, activation="relu"),
+                keras.layers.Dense(256, activation="relu"),
+                keras.layers.Dense(10),
+            ]
+        )
     elif name == "cnn":
         model = keras.Sequential(
             [
@@ -146,7 +153,9 @@ def onnxruntime_rows(path, x, batches):
 # -- time to first prediction ---------------------------------------------------------------
 def first_prediction(path, x_path, repeat=3):
     """Best of `repeat` fresh processes: import + load + predict 100 rows, Keras alone vs kerasfleet."""
-    single = f"import keras, numpy as np; m = keras.saving.load_model({str(path)!r}); m.predict(np.load({str(x_path)!r}), verbose=0)"
+    single = (
+        f"import keras, numpy as np; m = keras.saving.load_model({str(path)!r}); m.predict(np.load({str(x_path)!r}), verbose=0)"
+    )
     fleet = f"import kerasfleet; kerasfleet.predict({str(path)!r}, {str(x_path)!r}, engine='keras', progress=False)"
     auto = f"import kerasfleet; kerasfleet.predict({str(path)!r}, {str(x_path)!r}, progress=False)"
     times = {}
@@ -203,11 +212,15 @@ def bench_model(name, n, tmp, peak, skip, repeat):
         warm = [timed(lambda: joblib_run(str(path), x, best_b), n) for _ in range(3)]
         diff = max(diff, max(check(o, reference, "joblib warm") for o, _ in warm))
         stop_joblib_workers()
-        results[f"joblib (loky), model cached per worker, batch {best_b}: first call ({n / first:.2f} s, pool start and loads)"] = first
+        results[
+            f"joblib (loky), model cached per worker, batch {best_b}: first call ({n / first:.2f} s, pool start and loads)"
+        ] = first
         results[f"joblib (loky), model cached per worker, batch {best_b}: warm (best of calls 2-4)"] = max(r for _, r in warm)
 
     def fleet_rows(engine, label):
-        out, results[f"kerasfleet.predict, {label}, one-shot"] = timed(lambda: kerasfleet.predict(path, x, engine=engine, progress=False), n)
+        out, results[f"kerasfleet.predict, {label}, one-shot"] = timed(
+            lambda: kerasfleet.predict(path, x, engine=engine, progress=False), n
+        )
         worst = float(np.abs(out - reference).max())
         started = time.perf_counter()
         with kerasfleet.Fleet(path, engine=engine) as fleet:
@@ -254,7 +267,9 @@ def bench_model(name, n, tmp, peak, skip, repeat):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="tiny row counts, short GEMM measure (a smoke run, not a measurement)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny row counts, short GEMM measure (a smoke run, not a measurement)"
+    )
     parser.add_argument("--models", default="mlp,cnn,mobilenet")
     parser.add_argument("--rows", type=int, default=None, help="rows for every model (overrides the defaults)")
     parser.add_argument("--skip", default="", help="comma list of parts to leave out: ort,blog,joblib,fleets,first")

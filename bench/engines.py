@@ -72,7 +72,9 @@ def bench_model(name: str, n: int, tmp: Path, peak: float, calls: int) -> None:
         with kerasfleet.Fleet(path, engine=engine) as fleet:
             fleet.predict(x[:1000], progress=False)
             r = rate(lambda: fleet.predict(x, progress=False), n)
-            rows[f"Fleet.predict warm, engine={engine} ({fleet.engine} {fleet.plan.workers}x{fleet.plan.threads_per_worker}, batch {fleet.batch_size or 'default'})"] = r
+            rows[
+                f"Fleet.predict warm, engine={engine} ({fleet.engine} {fleet.plan.workers}x{fleet.plan.threads_per_worker}, batch {fleet.batch_size or 'default'})"
+            ] = r
     started = time.perf_counter()
     kerasfleet.predict(path, x, progress=False)
     rows["kerasfleet.predict one-shot, default engine, plan cached (everything it starts)"] = n / (time.perf_counter() - started)
@@ -125,6 +127,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kf-engines-"))
     for name, n in (("mlp", 400_000), ("cnn", 40_000)):
         bench_model(name, n, tmp, peak, args.calls)
+
 
 if __name__ == "__main__":
     main()

@@ -190,8 +190,10 @@ def main() -> None:
     print("\n## targets")
     if rates:
         one, four = rates["1 thread"], rates["4 threads"]
-        print(f"- >= {NOOP_TARGET:,} no-op tasks/s through {WORKERS} workers: {one:,.0f}/s from one thread {verdict(one >= NOOP_TARGET)}; "
-              f"{four:,.0f}/s from 4 threads {verdict(four >= NOOP_TARGET)}")
+        print(
+            f"- >= {NOOP_TARGET:,} no-op tasks/s through {WORKERS} workers: {one:,.0f}/s from one thread {verdict(one >= NOOP_TARGET)}; "
+            f"{four:,.0f}/s from 4 threads {verdict(four >= NOOP_TARGET)}"
+        )
     else:
         print(f"- >= {NOOP_TARGET:,} no-op tasks/s through {WORKERS} workers: not measured (--parts)")
     for engine in engines:

@@ -52,7 +52,9 @@ def zoo(tmp_path_factory):
         if backend not in built:
             out = tmp_path_factory.mktemp(f"zoo_{backend}")
             env = {**os.environ, "KERAS_BACKEND": backend}
-            subprocess.run([sys.executable, str(HERE / "zoo.py"), str(out)], env=env, check=True, timeout=300, capture_output=True)
+            subprocess.run(
+                [sys.executable, str(HERE / "zoo.py"), str(out)], env=env, check=True, timeout=300, capture_output=True
+            )
             built[backend] = out
         return built[backend]
 

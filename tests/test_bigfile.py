@@ -46,7 +46,11 @@ def test_npy_over_4gb_with_out_keeps_caller_rss_under_1gb(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stderr
-    kind, shape, maxrss_kb = result.stdout.split(" (")[0], result.stdout.split("(")[1].split(")")[0], int(result.stdout.split()[-1])
+    kind, shape, maxrss_kb = (
+        result.stdout.split(" (")[0],
+        result.stdout.split("(")[1].split(")")[0],
+        int(result.stdout.split()[-1]),
+    )
     assert kind == "memmap" and shape == f"{ROWS}, 8"
     assert maxrss_kb * 1024 < 1024**3, f"caller peak RSS {maxrss_kb / 1024:.0f} MB"
 

@@ -81,9 +81,8 @@ def test_info_json(folder, tmp_path):
     assert facts["workers"] * facts["threads_per_worker"] <= facts["usable_cores"]
     assert facts["backend"] == "jax" and facts["engine"] == "auto"
     assert facts["plan_in_force"].startswith("not measured yet")
-    # info reports the default batch size of the Keras engine (engine="auto" counts as "keras"
-    # there), whatever a tuned plan says: about 4 MB of input per batch, capped at 1024 rows on
-    # CPU, and the MLP's rows are 32 float32 = 128 bytes, so 4 MB / 128 B = 32768 -> 1024.
+    # Before any plan, the Keras engine's default batch: about 4 MB of input per batch, capped at
+    # 1024 rows on CPU, and the MLP's rows are 32 float32 = 128 bytes, so 4 MB / 128 B -> 1024.
     assert facts["batch_size"] == 1024
 
     tuned = cli("tune", folder / "mlp.keras", "--seconds", 1, KERASFLEET_CACHE_DIR=cache)
@@ -97,4 +96,7 @@ def test_info_json(folder, tmp_path):
     facts = info()
     assert facts["plan_in_force"].startswith(f"engine {engine},")
     assert facts["plan_in_force"] == described  # the stored plan, read back as tune printed it
-    assert facts["batch_size"] == 1024  # still the Keras default, not the plan's batch (see above)
+    # What a call would use now: the plan's engine, split and batch size.
+    stored = json.loads(next((tmp_path / "cache" / "plans").glob("*.json")).read_text())
+    assert facts["engine"] == f"auto ({engine})" and facts["batch_size_in_force"] == stored["batch_size"]
+    assert (facts["workers"], facts["threads_per_worker"]) == (stored["workers"], stored["threads_per_worker"])

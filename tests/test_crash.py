@@ -29,7 +29,9 @@ def folder(zoo):
 def run_with_fault(monkeypatch, folder, fault, x, **kwargs):
     monkeypatch.setenv("KERASFLEET_FAULT", fault)
     try:
-        return kerasfleet.predict(folder / "mlp.keras", x, workers=2, batch_size=100, backend=BACKEND, engine="keras", progress=False, **kwargs)
+        return kerasfleet.predict(
+            folder / "mlp.keras", x, workers=2, batch_size=100, backend=BACKEND, engine="keras", progress=False, **kwargs
+        )
     finally:
         assert_clean()
 
@@ -56,7 +58,9 @@ def test_poison_rows_fail_the_call_naming_rows_and_cause(monkeypatch, folder, ki
 
 def test_exception_in_worker_reaches_caller_with_its_traceback(monkeypatch, folder):
     x = load_x(folder, "mlp")
-    with pytest.raises(kerasfleet.WorkerError, match=r"raised RuntimeError while predicting rows \d+:\d+: injected fault at row 10") as info:
+    with pytest.raises(
+        kerasfleet.WorkerError, match=r"raised RuntimeError while predicting rows \d+:\d+: injected fault at row 10"
+    ) as info:
         run_with_fault(monkeypatch, folder, "raise@10", x)
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "maybe_fire" in info.value.__cause__.tb  # the worker's own frames

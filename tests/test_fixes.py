@@ -209,7 +209,9 @@ def test_no_import_cycle_and_layers_import_only_downwards():
             if layer(module) is not None and layer(target) is not None:
                 assert layer(target) <= layer(module), f"{module} imports {target}, a layer above it"
     # Cycles between modules (a package's __init__ re-exporting its own modules is not a cycle).
-    edges = {m: {t for t in ts if t in modules and not m.startswith(t + ".") and not t.startswith(m + ".")} for m, ts in graph.items()}
+    edges = {
+        m: {t for t in ts if t in modules and not m.startswith(t + ".") and not t.startswith(m + ".")} for m, ts in graph.items()
+    }
     state = {}
 
     def visit(node, stack):

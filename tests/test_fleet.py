@@ -66,7 +66,9 @@ def test_zero_rows_give_empty_outputs_of_the_right_shape(fleet, folder, x, tmp_p
     assert fleet.predict(x[:0], out=str(tmp_path / "empty.npy")).shape == (0, 10)
     parts = list(fleet.imap([x[:3], x[:0], x[3:5]]))
     assert [p.shape for p in parts] == [(3, 10), (0, 10), (2, 10)]
-    assert kerasfleet.predict(folder / "multi_output.keras", load_x(folder, "multi_output")[:0], workers=1, engine="keras", backend=BACKEND)["classes"].shape == (0, 5)
+    assert kerasfleet.predict(
+        folder / "multi_output.keras", load_x(folder, "multi_output")[:0], workers=1, engine="keras", backend=BACKEND
+    )["classes"].shape == (0, 5)
 
 
 def test_sixteen_threads_share_one_warm_fleet(fleet, folder, x):
@@ -164,13 +166,19 @@ def test_out_writes_through_a_memmap(fleet, tmp_path, x, y):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (np.zeros((10, 31), "float32"), r"Expected input 'features' of shape \(rows, 32\) \(rank 2\). Received: shape \(10, 31\)"),
+        (
+            np.zeros((10, 31), "float32"),
+            r"Expected input 'features' of shape \(rows, 32\) \(rank 2\). Received: shape \(10, 31\)",
+        ),
         (np.zeros((10, 32, 1), "float32"), r"rank 2"),
         (np.zeros(32, "float32"), r"Add the batch axis"),
         (np.zeros((), "float32"), r"batch axis"),
         (np.array([[1.0] * 32, [1.0] * 31], dtype=object), r"Received: dtype object \(ragged rows"),
         (np.zeros((4, 32), "complex64"), r"Received: dtype complex64"),
-        ({"feature": np.zeros((2, 32))}, r"Expected a dict with keys \['features'\].*missing \['features'\]; unknown \['feature'\]"),
+        (
+            {"feature": np.zeros((2, 32))},
+            r"Expected a dict with keys \['features'\].*missing \['features'\]; unknown \['feature'\]",
+        ),
         ([np.zeros((2, 32)), np.zeros((2, 32))], r"Expected 1 input array"),
         ("missing.npy", r"Expected an existing input file"),
         ("data.csv", r"Expected a .npy or .npz file"),

@@ -39,7 +39,9 @@ def test_multi_io_structure_and_dict_inputs(zoo):
     assert_same(got, expected)
     predictor = kerasfleet.Predictor(folder / "multi_input.keras", max_batch_size=16)
     x = load_x(folder, "multi_input")
-    assert_same(predictor.predict({k: v[:40] for k, v in x.items()}), {"output_0": load_y(folder, "multi_input")["output_0"][:40]})
+    assert_same(
+        predictor.predict({k: v[:40] for k, v in x.items()}), {"output_0": load_y(folder, "multi_input")["output_0"][:40]}
+    )
 
 
 def test_auto_falls_back_to_keras_with_a_reason(zoo, monkeypatch):
@@ -67,5 +69,8 @@ def test_bad_arguments_and_inputs(zoo):
     with pytest.raises(kerasfleet.InputError, match=r"shape \(rows, 32\)"):
         predictor.predict(np.zeros((2, 3), "float32"))
     np.testing.assert_allclose(
-        predictor.predict(load_x(folder, "mlp")[:3].astype("float64")), load_y(folder, "mlp")["output_0"][:3], rtol=1e-5, atol=1e-6
+        predictor.predict(load_x(folder, "mlp")[:3].astype("float64")),
+        load_y(folder, "mlp")["output_0"][:3],
+        rtol=1e-5,
+        atol=1e-6,
     )

@@ -40,7 +40,10 @@ def test_a_long_lived_fleet_replaces_a_dead_worker_after_the_start_deadline():
 def test_workers_that_die_while_starting_show_their_stderr():
     sup = start(WorkerInit("runtime_helpers:dying_handler", None), workers=1, max_start_failures=2)
     try:
-        with pytest.raises(WorkerStartError, match=r"(?s)keep dying while starting \(3 times, last: exit code 1\).*boom: this worker cannot start"):
+        with pytest.raises(
+            WorkerStartError,
+            match=r"(?s)keep dying while starting \(3 times, last: exit code 1\).*boom: this worker cannot start",
+        ):
             sup.submit(Noop()).result(timeout=60)
         with pytest.raises(FleetClosedError, match="broken"):
             sup.submit(Noop())
@@ -119,7 +122,9 @@ def test_a_task_past_its_deadline_is_killed_its_worker_replaced_others_finish(su
     started = time.monotonic()
     slow = sup.submit(Sleep(30), timeout=1.0, retry=RECORD, label="sleeping in a test")
     others = [sup.submit(Echo(i)) for i in range(50)]
-    with pytest.raises(TaskTimeoutError, match=r"sleeping in a test ran past its 1 s deadline; its worker \(pid \d+\) was killed and replaced"):
+    with pytest.raises(
+        TaskTimeoutError, match=r"sleeping in a test ran past its 1 s deadline; its worker \(pid \d+\) was killed and replaced"
+    ):
         slow.result(timeout=10)
     assert time.monotonic() - started < 1.0 + 1.0
     assert [f.result(timeout=10) for f in others] == list(range(50))
@@ -140,7 +145,9 @@ def test_a_worker_killed_mid_task_follows_the_retry_policy(sup, policy, outcome)
     if outcome == "result":
         assert future.result(timeout=30) is None  # requeued on a replacement and finished there
     else:
-        with pytest.raises(WorkerCrashedError, match=r"A worker died once while a task whose worker is killed \(last: pid \d+, killed by SIGKILL"):
+        with pytest.raises(
+            WorkerCrashedError, match=r"A worker died once while a task whose worker is killed \(last: pid \d+, killed by SIGKILL"
+        ):
             future.result(timeout=30)
     sup.wait_ready(30)
     assert sup.submit(Echo("alive")).result(timeout=30) == "alive"

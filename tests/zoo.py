@@ -36,7 +36,10 @@ def multi_input():
 def multi_output():
     inp = keras.Input((16,), name="x")
     h = keras.layers.Dense(32, activation="relu")(inp)
-    out = {"score": keras.layers.Dense(1, name="score")(h), "classes": keras.layers.Dense(5, activation="softmax", name="classes")(h)}
+    out = {
+        "score": keras.layers.Dense(1, name="score")(h),
+        "classes": keras.layers.Dense(5, activation="softmax", name="classes")(h),
+    }
     return keras.Model(inp, out), {"x": "float32"}
 
 

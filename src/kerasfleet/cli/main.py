@@ -244,6 +244,14 @@ def info(
                     tuned.describe() if tuned else "not measured yet (kerasfleet tune MODEL, or the first auto call, measures it)"
                 )
                 facts["plan_in_force"] = plan_in_force
+                if tuned is not None and plan.device == "cpu":
+                    # What a call would use: the plan's engine, split (unless given here) and batch.
+                    facts["engine"] = f"auto ({tuned.engine})"
+                    if workers is None and threads_per_worker is None:
+                        tuned_split = make_plan(tuned.workers, tuned.threads_per_worker, devices=_devices(devices))
+                        facts["workers"], facts["threads_per_worker"] = tuned_split.workers, tuned_split.threads_per_worker
+                        facts["cores_per_worker"] = [list(s.cpus) for s in tuned_split.slots]
+                    facts["batch_size_in_force"] = tuned.batch_size
             if sig.inputs is None:
                 facts["inputs"] = "not declared in the file (subclassed model): checked by the workers"
             else:

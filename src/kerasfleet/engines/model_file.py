@@ -113,7 +113,9 @@ def resolve_model(model: Any, custom_objects: dict[str, Any] | None = None, *, f
     try:
         config = read_config(path)
         signature = signature_from_config(config)
-        custom = [(name, module or _registered_module(registered), registered) for name, module, registered in _custom_classes(config)]
+        custom = [
+            (name, module or _registered_module(registered), registered) for name, module, registered in _custom_classes(config)
+        ]
         if for_workers:
             _check_custom_classes(custom, custom_objects or {}, path)
         modules = tuple(sorted({m for _, m, _ in custom if m and m != "__main__" and not m.startswith("keras")}))

@@ -16,7 +16,7 @@ from ..engines.onnx_engine import OnnxEngine
 from ..engines.runner import Runner
 from ..runtime import default_backend, make_plan
 from ..tune import Resolution, check_engine, resolve
-from .fleet import BACKENDS, Fleet, check_batch_size
+from .fleet import Fleet, check_backend, check_batch_size
 from .inputs import Source, normalize_inputs
 from .jobs import check_out, load_sources, open_out_files, source_rows
 from .progress import progress_bar
@@ -52,10 +52,7 @@ def predict(
     check_batch_size(batch_size)
     check_out(out)
     check_engine(engine)
-    if backend is not None and backend not in BACKENDS:
-        from ..errors import InputError
-
-        raise InputError(f"Expected backend to be 'jax', 'tensorflow', 'torch' or None. Received: backend={backend!r}.")
+    check_backend(backend)
     make_plan(workers, threads_per_worker, devices=devices)  # refuses a bad plan before any work
     model_file = resolve_model(model, custom_objects)
     try:

@@ -53,6 +53,11 @@ BACKENDS = ("jax", "tensorflow", "torch", "numpy")
 INLINE_MAX_BYTES = 256 << 10
 
 
+def check_backend(backend: Any) -> None:
+    if backend is not None and backend not in BACKENDS:
+        raise InputError(f"Expected backend to be 'jax', 'tensorflow', 'torch' or None. Received: backend={backend!r}.")
+
+
 def check_batch_size(batch_size: Any, name: str = "batch_size") -> None:
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise InputError(f"Expected {name} to be a positive int or None. Received: {name}={batch_size!r}.")
@@ -114,8 +119,7 @@ class Fleet:
         engine: str = "auto",
     ) -> None:
         check_batch_size(batch_size)
-        if backend is not None and backend not in BACKENDS:
-            raise InputError(f"Expected backend to be 'jax', 'tensorflow', 'torch' or None. Received: backend={backend!r}.")
+        check_backend(backend)
         if not isinstance(max_retries, int) or max_retries < 1:
             raise InputError(f"Expected max_retries to be a positive int. Received: max_retries={max_retries!r}.")
         owned = not isinstance(model, ModelFile)

@@ -9,7 +9,7 @@ to its bucket, and records every call's latency, so `stats()` can show that noth
 | --- | --- |
 | `"onnx"` | ONNX Runtime (export checked against Keras and cached); Keras is never imported |
 | `"keras"` | the compiled Keras path of the fleet's workers, on the caller's backend |
-| `"auto"` (default) | ONNX when the export passes its parity check, else Keras, with a warning saying why |
+| `"auto"` (default) | the resolver's in-process choice: the tuned plan's (ONNX when its export passed parity), or before any plan the parity check itself; Keras with a warning saying why otherwise |
 """
 
 from __future__ import annotations

@@ -465,7 +465,14 @@ class Supervisor:
                         if task.deaths > 1
                         else ""
                     )
-                    failures.append((task, WorkerCrashedError(f"A worker died {times} while {task.label} (last: pid {w.handle.pid}, {cause}).{hint}")))
+                    failures.append(
+                        (
+                            task,
+                            WorkerCrashedError(
+                                f"A worker died {times} while {task.label} (last: pid {w.handle.pid}, {cause}).{hint}"
+                            ),
+                        )
+                    )
                 else:
                     requeue.append(task)
             else:
