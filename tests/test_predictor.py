@@ -74,3 +74,28 @@ def test_bad_arguments_and_inputs(zoo):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "torch"])
+def test_retrace_count_is_real_on_other_backends(zoo, tmp_path, backend):
+    """TF counts real traces; torch runs eagerly and counts first calls at a new input shape."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    folder = zoo(backend)
+    script = tmp_path / "retraces.py"
+    script.write_text(
+        "import json, sys, numpy as np, kerasfleet\n"
+        f"p = kerasfleet.Predictor({str(folder / 'mlp.keras')!r}, engine='keras', max_batch_size=8)\n"
+        f"x = np.load({str(folder / 'mlp.x.npz')!r})['features']\n"
+        "for n in (1, 2, 3, 5, 8, 13): p.predict(x[:n])\n"
+        "after_calls = p.stats()['retraces']\n"
+        "p._run(5, [x[:5]])  # a shape outside the buckets: a real retrace\n"
+        "print(json.dumps([after_calls, p.stats()['retraces'], p.engine_name]))\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [0, 1, "keras"]

@@ -57,34 +57,22 @@ def predict(
     model_file = resolve_model(model, custom_objects)
     try:
         sources = normalize_inputs(x, model_file.signature)  # refused here, before any process starts
-        chosen = backend or default_backend()
+        options: dict[str, Any] = {
+            "engine": engine,
+            "workers": workers,
+            "threads_per_worker": threads_per_worker,
+            "devices": devices,
+            "batch_size": batch_size,
+            "backend": backend or default_backend(),
+            "custom_objects": custom_objects,
+            "safe_mode": safe_mode,
+        }
         if engine == "auto" and workers is None and threads_per_worker is None:
-            res = resolve(
-                model_file,
-                engine=engine,
-                workers=None,
-                threads_per_worker=None,
-                devices=devices,
-                batch_size=batch_size,
-                backend=chosen,
-                custom_objects=custom_objects,
-                safe_mode=safe_mode,
-                fleet_factory=Fleet,
-            )
+            res = resolve(model_file, fleet_factory=Fleet, **options)
             nbytes = sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in sources)
             if res.plan.device == "cpu" and nbytes <= IN_PROCESS_MAX_BYTES and res.in_process_wins(sources[0].rows):
                 return _in_process(model_file, res, sources, batch_size, out, progress, custom_objects, safe_mode)
-        with Fleet(
-            model_file,
-            workers=workers,
-            threads_per_worker=threads_per_worker,
-            devices=devices,
-            batch_size=batch_size,
-            backend=chosen,
-            custom_objects=custom_objects,
-            safe_mode=safe_mode,
-            engine=engine,
-        ) as fleet:
+        with Fleet(model_file, **options) as fleet:
             return fleet.predict(x, batch_size=batch_size, out=out, progress=progress)
     finally:
         model_file.cleanup()
