@@ -39,6 +39,8 @@ class KerasEngine:
             importlib.import_module(module)
         self.keras = keras
         self.backend = keras.backend.backend()
+        # A model handed in lives on in the caller's hands (it may be trained further).
+        self.live_weights = model is not None
         if model is None:
             model = keras.saving.load_model(model_path, custom_objects=custom_objects, safe_mode=safe_mode, compile=False)
         self.model = model
@@ -90,9 +92,14 @@ class KerasEngine:
 
             jitted = jax.jit(forward)
             trainable, non_trainable = model.trainable_variables, model.non_trainable_variables
-            # The weights are read at every call, not captured once: an in-memory model trained
-            # further after the engine was built must predict with its new weights.
-            return lambda x: jitted([v.value for v in trainable], [v.value for v in non_trainable], x)
+            if self.live_weights:
+                # An in-memory model may be trained further after the engine was built: read its
+                # weights at every call (as Keras's own predict does), not once.
+                return lambda x: jitted([v.value for v in trainable], [v.value for v in non_trainable], x)
+            # A model loaded from its file here belongs to this engine alone: its weights never
+            # change, and reading them once saves about 60 us per call (measured, bench/engines.py).
+            tv, ntv = [v.value for v in trainable], [v.value for v in non_trainable]
+            return lambda x: jitted(tv, ntv, x)
         if self.backend == "tensorflow":
             import tensorflow as tf
 
