@@ -66,7 +66,9 @@ def main() -> None:
     x_train, y_train = make_images(6_000, seed=1)
     started = time.perf_counter()
     history = model.fit(x_train, y_train, epochs=2, batch_size=128, verbose=0)
-    print(f"trained 2 epochs on 6,000 images in {time.perf_counter() - started:.1f} s, accuracy {history.history['accuracy'][-1]:.3f}")
+    print(
+        f"trained 2 epochs on 6,000 images in {time.perf_counter() - started:.1f} s, accuracy {history.history['accuracy'][-1]:.3f}"
+    )
 
     path = Path(tempfile.mkdtemp(prefix="kerasfleet-demo-")) / "cnn.keras"
     model.save(path)

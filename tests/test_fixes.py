@@ -238,3 +238,34 @@ def test_import_kerasfleet_starts_no_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=HERE)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_closing_a_fleet_under_running_calls_fails_them_cleanly(folder):
+    import threading
+
+    x = np.concatenate([load_x(folder, "mlp")] * 100)  # 300k rows: calls long enough to be cut
+    outcomes = []
+    fleet = kerasfleet.Fleet(folder / "mlp.keras", workers=2, batch_size=64, backend=BACKEND, engine="keras")
+    fleet.wait_ready(120)
+
+    def caller():
+        for _ in range(20):
+            try:
+                fleet.predict(x)
+                outcomes.append("done")
+            except kerasfleet.FleetClosedError:
+                outcomes.append("closed")
+                return
+
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for t in threads:
+        t.start()
+    import time
+
+    time.sleep(1.0)
+    fleet.close()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert outcomes.count("closed") == 3  # every caller was told, none hung or saw another error
+    assert_clean()

@@ -96,11 +96,13 @@ class Segment:
                 self._shm.close()
             except BufferError:
                 pass  # views are alive; the unlinked memory is freed once they are collected
+            self._shm = None
         if self._path is not None:
             try:
                 os.unlink(self._path)
             except FileNotFoundError:
                 pass
+            self._path = None
         self.buf = None
 
 
@@ -151,6 +153,8 @@ class SharedBuffers:
     def recycle(self, segments: list[Segment]) -> None:
         """Keep finished segments for reuse (the newest `keep`); unlink the rest."""
         with self._lock:
+            # A segment already released (the fleet closed under a running call) is not kept.
+            segments = [seg for seg in segments if seg in self._segments]
             for seg in segments:
                 self._segments.remove(seg)
                 self._free.append(seg)
@@ -163,9 +167,10 @@ class SharedBuffers:
         """Unlink segments a worker might still write to (a failed or cancelled call)."""
         with self._lock:
             for seg in segments:
-                self._segments.remove(seg)
+                if seg in self._segments:
+                    self._segments.remove(seg)
         for seg in segments:
-            seg.unlink()
+            seg.unlink()  # unlinking twice is harmless
 
     def release(self) -> None:
         """Unlink every segment. Arrays handed out must not be used afterwards."""
