@@ -52,6 +52,20 @@ def test_workers_that_die_while_starting_show_their_stderr():
     assert_clean()
 
 
+def test_workers_that_hang_while_starting_are_killed_at_their_start_deadline():
+    sup = start(WorkerInit("runtime_helpers:hanging_handler", None), workers=1, start_timeout=1.0, max_start_failures=1)
+    started = time.monotonic()
+    try:
+        with pytest.raises(
+            WorkerStartError, match=r"(?s)2 times, last: not ready after 1 s \(start_timeout\).*hanging while starting"
+        ):
+            sup.submit(Noop()).result(timeout=30)
+        assert time.monotonic() - started < 2 * 1.0 + 3.0
+    finally:
+        sup.close()
+    assert_clean()
+
+
 def test_close_fails_what_is_left_and_leaves_nothing():
     sup = start(workers=1)
     sup.wait_ready(30)
