@@ -126,4 +126,9 @@ def test_fatal_load_error_in_workers_is_reported(monkeypatch, folder, tmp_path):
                 dst.writestr(item, src.read(item))
     with pytest.raises(kerasfleet.ModelLoadError, match="The workers could not load the model"):
         kerasfleet.predict(broken, load_x(folder, "mlp"), workers=2, backend=BACKEND, engine="keras")
+    with kerasfleet.Fleet(broken, workers=1, backend=BACKEND, engine="keras") as fleet:
+        with pytest.raises(kerasfleet.ModelLoadError, match="Expected a model.weights.h5"):
+            fleet.wait_ready(timeout=120)  # the cause itself, not a generic "broken"
+        with pytest.raises(kerasfleet.FleetClosedError, match="broken"):
+            fleet.predict(load_x(folder, "mlp"))
     assert_clean()

@@ -209,6 +209,7 @@ def test_worker_environment_has_thread_budget(fleet):
         with open(f"/proc/{pid}/environ", "rb") as f:
             env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
         assert env[b"OMP_NUM_THREADS"] == b"1" and env[b"TF_NUM_INTRAOP_THREADS"] == b"1"
+        assert env[b"CUDA_VISIBLE_DEVICES"] == b"" and env[b"CUDA_DEVICE_ORDER"] == b"PCI_BUS_ID"  # CPU workers hold no GPU
 
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(fleet, x, capsys):

@@ -103,8 +103,8 @@ def test_no_cgroup_files_means_no_limit(tmp_path):
 def test_worker_environment_orders_gpus_as_nvidia_smi_does():
     cpu = WorkerSlot(0, (0,), 1, None)
     gpu = WorkerSlot(1, (1,), 1, "1")
-    for slot, any_gpu in ((cpu, False), (cpu, True), (gpu, True)):
-        assert worker_environment(slot, "jax", any_gpu=any_gpu)["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    for slot in (cpu, gpu):
+        assert worker_environment(slot, "jax")["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
 
 
 def test_trial_rows_give_every_worker_four_chunks():
@@ -126,18 +126,20 @@ def test_gpu_plan_one_worker_per_gpu_with_cores_split():
     plan = make_plan(cpus=range(16), gpus=("0", "1", "2", "3"))
     assert (plan.device, plan.workers, plan.threads_per_worker) == ("gpu", 4, 4)
     assert [s.gpu for s in plan.slots] == ["0", "1", "2", "3"]
-    env = worker_environment(plan.slots[2], "jax", any_gpu=True)
+    env = worker_environment(plan.slots[2], "jax")
     assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true" and env["OMP_NUM_THREADS"] == "4"
 
 
-def test_gpu_subset_and_cpu_override():
+def test_gpu_subset_and_cpu_override(monkeypatch):
     plan = make_plan(devices=[1, 3], cpus=range(8), gpus=("0", "1", "2", "3"))
     assert [s.gpu for s in plan.slots] == ["1", "3"]
     cpu = make_plan(devices="cpu", cpus=range(8), gpus=("0",), memory=64 * GIB)
     assert cpu.device == "cpu" and cpu.workers == 8
-    # A CPU worker on a GPU machine must not initialise a GPU.
-    assert worker_environment(cpu.slots[0], "tensorflow", any_gpu=True)["CUDA_VISIBLE_DEVICES"] == ""
+    # A CPU worker on a GPU machine must not initialise a GPU, even when the caller's
+    # environment names one.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert worker_environment(cpu.slots[0], "tensorflow")["CUDA_VISIBLE_DEVICES"] == ""
 
 
 @pytest.mark.parametrize(

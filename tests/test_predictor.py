@@ -24,6 +24,13 @@ def test_every_batch_size_matches_without_retracing(zoo, engine):
     assert 0 < stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
 
 
+def test_zero_rows_give_empty_outputs(zoo):
+    folder = zoo("jax")
+    predictor = kerasfleet.Predictor(folder / "multi_output.keras", engine="keras", max_batch_size=4)
+    got = predictor.predict(load_x(folder, "multi_output")[:0])
+    assert {k: v.shape for k, v in got.items()} == {"score": (0, 1), "classes": (0, 5)}
+
+
 def test_keras_engine_counts_a_real_retrace(zoo):
     folder = zoo("jax")
     predictor = kerasfleet.Predictor(folder / "mlp.keras", engine="keras", max_batch_size=8)

@@ -66,6 +66,30 @@ def test_workers_that_hang_while_starting_are_killed_at_their_start_deadline():
     assert_clean()
 
 
+def test_workers_start_when_the_caller_is_pid_1(tmp_path):
+    """In a container without an init process the caller is PID 1 (its workers' parent)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--fork", "--pid", "--mount-proc", "true"]).returncode:
+        pytest.skip("needs unshare with a new PID namespace (root), as on the project's machines")
+    script = tmp_path / "as_pid_1.py"
+    script.write_text(
+        "import os\n"
+        "from kerasfleet.runtime import Echo, LocalWorker, Supervisor, WorkerInit, make_plan\n"
+        "assert os.getpid() == 1\n"
+        "init = WorkerInit('kerasfleet.runtime.worker:bare_handler', None)\n"
+        "sup = Supervisor(lambda slot: LocalWorker(slot, init, {}), make_plan(1).slots, max_start_failures=0)\n"
+        "print('echo', sup.submit(Echo(42)).result(timeout=30))\n"
+        "sup.close()\n"
+    )
+    result = subprocess.run(
+        ["unshare", "--fork", "--pid", "--mount-proc", sys.executable, str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "echo 42" in result.stdout, result.stderr[-2000:]
+
+
 def test_close_fails_what_is_left_and_leaves_nothing():
     sup = start(workers=1)
     sup.wait_ready(30)
@@ -97,7 +121,7 @@ def test_starting_workers_leaves_the_callers_environment_alone():
     plan = make_plan(2)
     from kerasfleet.runtime import worker_environment
 
-    sup = Supervisor(lambda slot: LocalWorker(slot, BARE, worker_environment(slot, "jax", False)), plan.slots)
+    sup = Supervisor(lambda slot: LocalWorker(slot, BARE, worker_environment(slot, "jax")), plan.slots)
     try:
         sup.wait_ready(30)
         watcher.join(10)
@@ -165,6 +189,20 @@ def test_a_worker_killed_mid_task_follows_the_retry_policy(sup, policy, outcome)
             future.result(timeout=30)
     sup.wait_ready(30)
     assert sup.submit(Echo("alive")).result(timeout=30) == "alive"
+
+
+def test_cancelling_a_task_waiting_behind_a_running_one_spares_the_running_one(sup):
+    sup.wait_ready(30)
+    restarts = sup.restarts
+    running = [sup.submit(Sleep(0.8), retry=RECORD) for _ in range(2)]  # one per worker
+    waiting = [sup.submit(Echo(i)) for i in range(2)]  # prefetched behind them
+    time.sleep(0.3)
+    for future in waiting:
+        assert sup.cancel(future)
+        with pytest.raises(CancelledError):
+            future.result(timeout=10)
+    assert [f.result(timeout=10) for f in running] == [None, None]  # no worker was killed
+    assert sup.restarts == restarts
 
 
 def test_cancel_a_queued_task_and_a_running_one(sup):

@@ -101,6 +101,9 @@ def test_auto_one_shot_runs_in_process_when_starting_workers_does_not_pay(folder
         got = kerasfleet.predict(model, x[:100], backend="jax")
     assert seen == {"children": {}, "fleets": 0}
     assert_same(got, {"output_0": y[:100]})
+    # Zero rows in-process, also into an out= file.
+    empty = kerasfleet.predict(model, x[:0], backend="jax", out=str(tmp_path / "empty.npy"))
+    assert empty.shape == (0, 10) and np.load(tmp_path / "empty.npy").shape == (0, 10)
 
     # Both sides of the crossover, with a stored plan of hand-picked rates (the measured one may
     # favour in-process ONNX at any size on this machine): in-process 1000 rows/s, workers 4000

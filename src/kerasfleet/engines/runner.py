@@ -29,7 +29,7 @@ class Runner:
         on_progress: Callable[[int], None] | None = None,
     ) -> list[np.ndarray[Any, Any]]:
         """Every row of `inputs` at key's batch size; into `out` if given (e.g. memmaps)."""
-        rows = int(inputs[0].shape[0])
+        rows = int(inputs[0].shape[0])  # zero rows: the loop below does nothing, outputs are empty
         arrays = out if out is not None else self.engine.outputs(key).empty(rows)
         step = key[0] * _BATCHES_PER_STEP
         for lo in range(0, rows, step):

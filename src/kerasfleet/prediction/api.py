@@ -100,16 +100,13 @@ def _in_process(
     paths, arrays = open_out_files(out, outputs, rows) if out is not None else (None, None)
     bar = progress_bar(rows, progress)
     try:
-        result = (
-            runner.predict(key, load_sources(sources), arrays, bar.update if bar is not None else None)
-            if rows
-            else outputs.empty(0)
-        )
+        result = runner.predict(key, load_sources(sources), arrays, bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
     if paths is not None:
         for a in result:
-            a.flush()  # type: ignore[attr-defined]
+            if isinstance(a, np.memmap):  # zero rows give plain (empty) arrays
+                a.flush()
         result = [np.load(p, mmap_mode="r") for p in paths]
     return outputs.pack(result)

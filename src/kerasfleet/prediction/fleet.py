@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engines import Key, Outputs, bucket
+from ..engines import Key, Outputs, bucket, row_bytes
 from ..engines.handler import HANDLER, PredictInline, PredictRows, Probe
 from ..engines.model_file import ModelFile, resolve_model
 from ..engines.registry import EngineConfig
@@ -48,9 +48,11 @@ from .jobs import Job, check_out, open_out_files, source_rows
 from .progress import progress_bar
 
 BACKENDS = ("jax", "tensorflow", "torch", "numpy")
-# Requests up to this size travel inside the message (pickled) instead of shared memory: no
-# segment to create or map, one round trip. Larger ones use shared buffers and chunks.
-INLINE_MAX_BYTES = 256 << 10
+# Requests whose inputs and outputs together fit in this travel inside the messages (pickled)
+# instead of shared memory: no segment to create or map, one round trip. It must stay well
+# below a socket's buffer (about 208 KB on Linux): the supervisor sends a worker its next call
+# while the worker may be sending a reply, and neither may block on the other.
+INLINE_MAX_BYTES = 64 << 10
 
 
 def check_backend(backend: Any) -> None:
@@ -167,12 +169,12 @@ class Fleet:
                 warm_key=warm_key,
             )
             init = WorkerInit(HANDLER, config)
-            backend_name, any_gpu = self.backend, bool(self.plan.gpus)
+            backend_name = self.backend
             self._shapes = _Shapes()
             # Segments of finished calls are kept for the next ones: two per call in flight.
             self._buffers = SharedBuffers(keep=4 * self.plan.workers + 4)
             self._supervisor = Supervisor(
-                lambda slot: LocalWorker(slot, init, worker_environment(slot, backend_name, any_gpu)),
+                lambda slot: LocalWorker(slot, init, worker_environment(slot, backend_name)),
                 self.plan.slots,
                 start_timeout=start_timeout,
                 max_start_failures=max_retries,
@@ -267,8 +269,12 @@ class Fleet:
         return [w["pid"] for w in self._supervisor.workers()]
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until every worker has loaded the model and warmed up."""
-        self._check_open()
+        """Block until every worker has loaded the model and warmed up.
+
+        Raises what keeps them from it: `ModelLoadError`, `WorkerStartError`, ...
+        """
+        if self._closed:
+            raise FleetClosedError("Cannot wait for workers, as the fleet has been closed.")
         self._supervisor.wait_ready(timeout)
 
     def __enter__(self) -> Fleet:
@@ -288,8 +294,11 @@ class Fleet:
         batch = batch_size or self._resolution.batch_for(row_specs)
         if rows == 0:
             return _EmptyCall(self._outputs((batch, row_specs)), out)
-        nbytes = sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in sources)
-        if out is None and nbytes <= INLINE_MAX_BYTES and all(s.array is not None for s in sources):
+        if (
+            out is None
+            and all(s.array is not None for s in sources)
+            and rows * self._row_bytes(batch, row_specs) <= INLINE_MAX_BYTES
+        ):
             key = (bucket(rows, batch), row_specs)
             outputs = self._outputs(key)
             arrays = tuple(np.ascontiguousarray(s.array, dtype=s.dtype) for s in sources)
@@ -298,6 +307,12 @@ class Fleet:
         key = (batch, row_specs)
         job = Job(key, sources, self.plan.workers, self._buffers, self._outputs(key), out)
         return _JobCall(self._supervisor, job, self._retry)
+
+    def _row_bytes(self, batch: int, row_specs: tuple[tuple[tuple[int, ...], str], ...]) -> int:
+        """Bytes of one row in and out: what an inline request carries per row."""
+        outputs = self._outputs((batch, row_specs))  # the warm shape: known without a probe
+        out_bytes = sum(int(np.prod(o.shape, dtype=np.int64)) * np.dtype(o.dtype).itemsize for o in outputs.specs)
+        return row_bytes(row_specs) + out_bytes
 
     def _outputs(self, key: Key) -> Outputs:
         """What the model returns for inputs of this key: from warm-up, or asked of a worker."""
@@ -311,6 +326,8 @@ class Fleet:
         try:
             outputs: Outputs = future.result()
         except WorkerError as exc:
+            if type(exc) is not WorkerError:
+                raise  # a crash or a timeout already names the shape it was compiling
             raise WorkerError(f"The model failed on inputs of this shape ({_describe_key(key)}): {exc}") from exc.__cause__
         with self._shapes.lock:
             self._shapes.outputs[key] = outputs

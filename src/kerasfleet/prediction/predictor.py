@@ -9,7 +9,7 @@ to its bucket, and records every call's latency, so `stats()` can show that noth
 | --- | --- |
 | `"onnx"` | ONNX Runtime (export checked against Keras and cached); Keras is never imported |
 | `"keras"` | the compiled Keras path of the fleet's workers, on the caller's backend |
-| `"auto"` (default) | the resolver's in-process choice: the tuned plan's (ONNX when its export passed parity), or before any plan the parity check itself; Keras with a warning saying why otherwise |
+| `"auto"` (default) | for a model file, the resolver's in-process choice: the tuned plan's (ONNX when its export passed parity), or before any plan the parity check itself (Keras with a warning saying why otherwise); for an in-memory model, Keras, which follows further training |
 """
 
 from __future__ import annotations
@@ -49,8 +49,13 @@ class Predictor:
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise InputError(f"Expected max_batch_size to be a positive int. Received: max_batch_size={max_batch_size!r}.")
         in_memory = None if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else model
-        # An in-memory model runs right here: its custom classes need not import in a worker.
-        self._file = resolve_model(model, custom_objects, for_workers=in_memory is None)
+        if in_memory is not None and engine == "auto":
+            # An in-memory model may be trained further: the Keras engine reads its live
+            # weights at every call, where an ONNX export would be a snapshot.
+            engine = "keras"
+        # An in-memory model on the Keras engine runs right here: its custom classes need not
+        # import in a worker (the ONNX export runs in one, so there they must).
+        self._file = resolve_model(model, custom_objects, for_workers=in_memory is None or engine == "onnx")
         self.signature = self._file.signature
         specs = self.signature.inputs
         if specs is None or not self.signature.fixed:
@@ -103,6 +108,8 @@ class Predictor:
         started = time.perf_counter()
         arrays = self._arrays(x)
         n = arrays[0].shape[0]
+        if n == 0:
+            return self._outputs.pack(self._outputs.empty(0))
         parts: list[list[np.ndarray[Any, Any]]] = []
         for lo in range(0, n, self.buckets[-1]):
             part = [a[lo : lo + self.buckets[-1]] for a in arrays]

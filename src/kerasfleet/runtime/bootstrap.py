@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from multiprocessing.connection import Connection
 
 _PR_SET_PDEATHSIG = 1
@@ -39,7 +40,7 @@ def pin_threads(cpus: tuple[int, ...]) -> None:
             pass
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Ask Linux to SIGKILL this worker when the thread that started it ends.
 
     The supervisor thread starts every worker and lives as long as its fleet, so a caller
@@ -50,14 +51,14 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    if os.getppid() != parent:  # the parent died before prctl took effect (we were reparented)
         os._exit(1)
 
 
-def main(fd: int, cpus_json: str) -> None:
+def main(fd: int, cpus_json: str, parent: int) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the caller decides and stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_parent(parent)
     pin_threads(tuple(json.loads(cpus_json)))
     conn = Connection(fd)
     try:
@@ -80,6 +81,10 @@ def main(fd: int, cpus_json: str) -> None:
         serve(conn, init)
     except (EOFError, OSError):
         pass  # the caller went away before we were ready
+    except BaseException:  # noqa: BLE001 - never vanish silently: the supervisor shows stderr's tail
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     finally:
         # Skip interpreter teardown: TF and XLA can take seconds (or crash) unwinding their
         # runtimes, and a worker has nothing left to save.

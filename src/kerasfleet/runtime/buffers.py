@@ -6,22 +6,23 @@ themselves sit in a POSIX shared-memory segment or in a file both sides memory-m
 them in `release()`, which callers run in `finally` so nothing is left in /dev/shm.
 
 /dev/shm is a tmpfs that may be small (Docker's default is 64 MB) or full, and a write to a
-shared-memory page the tmpfs cannot back kills the writer with SIGBUS. So before creating a
-segment the free space is checked; when it would not fit (with a margin), the buffer is a
-file in a temporary folder instead, mapped the same way (the page cache makes it nearly as
-fast, and the disk backs it).
+shared-memory page the tmpfs cannot back kills the writer with SIGBUS. So a segment is only
+made where the free space allows it with a margin, and its pages are reserved when it is
+created; otherwise the buffer is a file in a temporary folder, mapped the same way (the page
+cache makes it nearly as fast, and the disk backs it).
 """
 
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,9 @@ SHM_PREFIX = "kerasfleet"
 SHM_DIR = "/dev/shm"
 # Room left free in /dev/shm for everyone else: a segment that would leave less goes to a file.
 SHM_MARGIN = 32 << 20
+# Bytes of finished calls' segments a warm fleet keeps for reuse: enough for the calls of a
+# typical stream, never gigabytes of RAM held by one past call.
+KEEP_BYTES = 512 << 20
 _counter = itertools.count()
 
 
@@ -68,42 +72,73 @@ class OpenBuffer:
 
 
 class Segment:
-    """One block of memory the caller owns: a shared-memory segment or a temporary file."""
+    """One block of memory the caller owns: a shared-memory segment or a temporary file.
+
+    Created with `os.open` under /dev/shm and its pages reserved at once with
+    `posix_fallocate`: a tmpfs allocates lazily, so a free-space check alone cannot keep a
+    later write from hitting SIGBUS when /dev/shm fills (several calls at once, inputs and
+    outputs of one job). If the reservation fails, the block is a file in a temporary folder.
+    The segment is registered with multiprocessing's resource tracker, which unlinks it should
+    the caller die without cleaning up; no descriptor stays open after creation.
+    """
 
     def __init__(self, size: int, shm_free: Callable[[], int], tmpdir: Callable[[], str]) -> None:
         self.size = size
-        self._shm: shared_memory.SharedMemory | None = None
+        self._name: str | None = None
         self._path: str | None = None
         if shm_free() >= size + SHM_MARGIN:
             name = f"{SHM_PREFIX}_{os.getpid()}_{next(_counter)}"
-            self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-            self.kind, self.location = "shm", self._shm.name
-            self.buf: Any = self._shm.buf
-        else:
-            fd, self._path = tempfile.mkstemp(prefix=f"{SHM_PREFIX}_", suffix=".buf", dir=tmpdir())
-            os.ftruncate(fd, size)
-            os.close(fd)
-            self.kind, self.location = "file", self._path
-            self.buf = np.memmap(self._path, dtype=np.uint8, mode="r+", shape=(size,))
+            path = os.path.join(SHM_DIR, name)
+            try:
+                self.buf: Any = _map_new(path, size, reserve=True)
+            except OSError:
+                pass  # no room after all (ENOSPC), or no /dev/shm: use a file
+            else:
+                self._name, self.kind, self.location = name, "shm", name
+                resource_tracker.register(f"/{name}", "shared_memory")
+                return
+        fd, self._path = tempfile.mkstemp(prefix=f"{SHM_PREFIX}_", suffix=".buf", dir=tmpdir())
+        os.close(fd)
+        self.kind, self.location = "file", self._path
+        self.buf = _map_new(self._path, size, reserve=False)
 
     def unlink(self) -> None:
-        if self._shm is not None:
+        if self._name is not None:
             try:
-                self._shm.unlink()
+                os.unlink(os.path.join(SHM_DIR, self._name))
             except FileNotFoundError:
                 pass
-            try:
-                self._shm.close()
-            except BufferError:
-                pass  # views are alive; the unlinked memory is freed once they are collected
-            self._shm = None
+            resource_tracker.unregister(f"/{self._name}", "shared_memory")
+            self._name = None
         if self._path is not None:
             try:
                 os.unlink(self._path)
             except FileNotFoundError:
                 pass
             self._path = None
-        self.buf = None
+        if self.buf is not None:
+            try:
+                self.buf.close()
+            except BufferError:
+                pass  # views are alive: the mapping goes when they are collected
+            self.buf = None
+
+
+def _map_new(path: str, size: int, reserve: bool) -> mmap.mmap:
+    flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if reserve else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if reserve:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.unlink(path)
+                raise
+        else:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
 
 
 def shm_free_bytes() -> int:
@@ -123,10 +158,11 @@ class SharedBuffers:
     fresh pages on every call. Only segments no worker can still write to come back here.
     """
 
-    def __init__(self, keep: int = 0, shm_free: Callable[[], int] | None = None) -> None:
+    def __init__(self, keep: int = 0, shm_free: Callable[[], int] | None = None, keep_bytes: int = KEEP_BYTES) -> None:
         self._segments: list[Segment] = []
         self._free: list[Segment] = []
         self._keep = keep
+        self._keep_bytes = keep_bytes
         # Looked up at each segment: /dev/shm fills and empties while a fleet lives.
         self._shm_free = shm_free or (lambda: shm_free_bytes())
         self._tmpdir: str | None = None
@@ -160,6 +196,8 @@ class SharedBuffers:
                 self._free.append(seg)
             drop = self._free[: max(0, len(self._free) - self._keep)]
             del self._free[: len(drop)]
+            while self._free and sum(seg.size for seg in self._free) > self._keep_bytes:
+                drop.append(self._free.pop(0))  # the oldest first
         for seg in drop:
             seg.unlink()
 

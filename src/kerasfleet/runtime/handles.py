@@ -72,7 +72,8 @@ class LocalWorker:
         # Pinned before any import, so every thread a library starts inherits the worker's cores.
         code = (
             f"import os, sys; cpus = {cpus}; cpus and hasattr(os, 'sched_setaffinity') and os.sched_setaffinity(0, cpus); "
-            f"sys.path.insert(0, {_PACKAGE_ROOT!r}); from kerasfleet.runtime.bootstrap import main; main({child.fileno()}, {cpus!r})"
+            f"sys.path.insert(0, {_PACKAGE_ROOT!r}); from kerasfleet.runtime.bootstrap import main; "
+            f"main({child.fileno()}, {cpus!r}, {os.getpid()})"
         )
         try:
             self.process = subprocess.Popen(
@@ -83,6 +84,9 @@ class LocalWorker:
                 stderr=subprocess.PIPE,
                 close_fds=True,
             )
+        except BaseException:
+            parent.close()
+            raise
         finally:
             child.close()
         self.pid: int | None = self.process.pid
@@ -98,8 +102,12 @@ class LocalWorker:
             self._pidfd = os.pidfd_open(self.process.pid)
         except (AttributeError, OSError):
             pass
-        self.conn.send((list(sys.path), os.getcwd()))
-        self.conn.send(init)
+        try:
+            self.conn.send((list(sys.path), os.getcwd()))
+            self.conn.send(init)  # e.g. a custom object that does not pickle raises here
+        except BaseException:
+            self.close()
+            raise
 
     def send(self, msg: Any) -> None:
         self.conn.send(msg)

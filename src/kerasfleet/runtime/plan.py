@@ -142,7 +142,7 @@ def make_plan(
     return Plan(device, n, t, slots, cpu_list, tuple(chosen), oversubscribed)
 
 
-def worker_environment(slot: WorkerSlot, backend: str, any_gpu: bool) -> dict[str, str]:
+def worker_environment(slot: WorkerSlot, backend: str) -> dict[str, str]:
     """Environment a worker sets before it imports any framework."""
     t = str(slot.threads)
     env = {
@@ -158,8 +158,7 @@ def worker_environment(slot: WorkerSlot, backend: str, any_gpu: bool) -> dict[st
         # GPU ids mean what nvidia-smi shows (CUDA's default order is fastest-first).
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
     }
-    if slot.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = slot.gpu
-    elif any_gpu:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not initialise (and hold) a GPU
+    # A CPU worker must not initialise (and hold) a GPU, whatever the caller's environment
+    # says: on a GPU machine a CPU plan (the tuning trial's, say) would otherwise load GPU 0.
+    env["CUDA_VISIBLE_DEVICES"] = slot.gpu if slot.gpu is not None else ""
     return env

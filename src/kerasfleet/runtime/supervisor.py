@@ -213,6 +213,8 @@ class Supervisor:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state:
             while True:
+                if self._broken is not None:
+                    raise self._broken  # what broke it: ModelLoadError, WorkerStartError, ...
                 self._check_usable()
                 if self._snapshot and all(w["ready"] for w in self._snapshot):
                     return
@@ -238,7 +240,7 @@ class Supervisor:
         """Stop every worker (idle ones gracefully, busy ones killed); fail what is left."""
         if self._closing:
             return
-        self._closing = True
+        self._closing = True  # the loop ends at its next round; the write below wakes it
         self._post("stop", None, check=False)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -267,21 +269,29 @@ class Supervisor:
         try:
             for slot in self._slots:
                 self._spawn(slot)
-            while self._broken is None and not self._take_inbox():
+            while self._broken is None and not self._closing:
+                self._take_inbox()
                 for slot in [self._unstarted.pop() for _ in range(len(self._unstarted))]:
                     self._spawn(slot)
                 self._dispatch()
-                for obj in wait([self._wake_r, *self._by_obj], self._timeout()):
-                    self._service(obj)
+                # What each ready object means is looked up in the index of when wait() was
+                # called: a death handled in this batch closes descriptors whose numbers the
+                # replacement may reuse at once.
+                index = self._by_obj
+                for obj in wait([self._wake_r, *index], self._timeout()):
+                    self._service(obj, index.get(obj))
                 self._check_deadlines()
         except BaseException as exc:  # noqa: BLE001 - the thread must never die silently
             self._break(FleetError(f"The supervisor thread failed: {type(exc).__name__}: {exc}"))
         finally:
             self._shutdown()
 
-    def _take_inbox(self) -> bool:
+    def _take_inbox(self) -> None:
         while self._inbox:
-            op, item = self._inbox.popleft()
+            try:
+                op, item = self._inbox.popleft()
+            except IndexError:
+                return  # a caller failing the inbox after close took it
             if op == "task":
                 self._queue.append(item)
             elif op == "detach":
@@ -291,14 +301,16 @@ class Supervisor:
                         self._send(w, Detach(item.id))
             elif op == "cancel":
                 self._cancel_running(item)
-            elif op == "stop":
-                return True
-        return False
 
     def _cancel_running(self, future: Future[Any]) -> None:
         for w in self._workers:
-            for task in w.outstanding.values():
+            for position, task in enumerate(w.outstanding.values()):
                 if task.future is future and not w.dead:
+                    if position > 0:
+                        # Only waiting behind the running task: its reply will be dropped; the
+                        # running task must not pay for it.
+                        _fail(future, CancelledError(f"{task.label} was cancelled"))
+                        return
                     task.end = "cancel"
                     w.kill_reason = f"its task ({task.label}) was cancelled"
                     w.handle.kill()
@@ -313,36 +325,52 @@ class Supervisor:
         now = time.monotonic()
         soonest = now + _TICK_S
         for w in self._workers:
+            if w.kill_reason is not None:
+                continue  # killed: its pidfd says when it is gone
             if not w.ready:
                 soonest = min(soonest, w.start_deadline)
             for task in w.outstanding.values():
-                if task.deadline is not None:
+                if task.deadline is not None and task.end is None:
                     soonest = min(soonest, task.deadline)
         return max(0.0, soonest - now)
 
     def _dispatch(self) -> None:
-        """Hand queued tasks to ready workers, least loaded first, up to PREFETCH each."""
-        if not self._queue:
-            return
-        idle = sorted((w for w in self._workers if w.ready and not w.exclusive), key=lambda w: len(w.outstanding))
-        for w in idle:
-            while self._queue and len(w.outstanding) < PREFETCH:
-                task = self._queue[0]
-                if task.timeout is not None and w.outstanding:
-                    break  # a task with a deadline waits for an idle worker
-                self._queue.popleft()
-                if task.future.done() or (not task.started and not task.future.set_running_or_notify_cancel()):
-                    continue  # cancelled while queued
-                task.started = True
-                if task.context is not None and task.context.closed:
-                    _fail(task.future, CancelledError(f"{task.label}: its job was closed"))
+        """Hand queued tasks to ready workers, one each per round, least loaded first, up to
+        PREFETCH each: a worker's second call only waits behind its first when every worker
+        already has one."""
+        while self._queue:
+            room = sorted(
+                (w for w in self._workers if w.ready and not w.dead and not w.exclusive and len(w.outstanding) < PREFETCH),
+                key=lambda w: len(w.outstanding),
+            )
+            if not room:
+                return
+            handed = False
+            for w in room:
+                task = self._next_task(idle=not w.outstanding)
+                if task is None:
                     continue
                 if not self._start_task(w, task):
                     return  # the worker is gone; its death requeues the task
-                if task.timeout is not None:
-                    break
-            if not self._queue:
+                handed = True
+            if not handed:
                 return
+
+    def _next_task(self, idle: bool) -> _Task | None:
+        """The first queued task that may start now (one with a deadline needs an idle worker)."""
+        while self._queue:
+            task = self._queue[0]
+            if task.timeout is not None and not idle:
+                return None
+            self._queue.popleft()
+            if task.future.done() or (not task.started and not task.future.set_running_or_notify_cancel()):
+                continue  # cancelled while queued
+            task.started = True
+            if task.context is not None and task.context.closed:
+                _fail(task.future, CancelledError(f"{task.label}: its job was closed"))
+                continue
+            return task
+        return None
 
     def _start_task(self, w: _Worker, task: _Task) -> bool:
         w.outstanding[task.id] = task
@@ -354,19 +382,25 @@ class Supervisor:
                 w.attached.add(task.context.id)
             w.handle.send(Call(task.id, task.payload))
         except (OSError, ValueError):
-            return False
+            return False  # the worker is gone
+        except Exception as exc:  # noqa: BLE001 - this task's payload does not pickle: fail it alone
+            w.outstanding.pop(task.id, None)
+            _fail(
+                task.future,
+                FleetError(f"Expected a task payload that pickles. Received: {task.label}: {type(exc).__name__}: {exc}"),
+            )
         return True
 
-    def _service(self, obj: Any) -> None:
-        if obj == self._wake_r:
-            try:
-                while os.read(self._wake_r, 4096):
+    def _service(self, obj: Any, w: _Worker | None) -> None:
+        if w is None:
+            if obj == self._wake_r:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
                     pass
-            except BlockingIOError:
-                pass
             return
-        w = self._by_obj.get(obj)
-        if w is None or w.dead:
+        if w.dead:
             return
         what = w.handle.classify(obj)
         if what == "messages":
@@ -376,6 +410,8 @@ class Supervisor:
             self._on_death(w, w.kill_reason or w.handle.describe_exit())
         else:
             w.handle.service(obj)
+            if obj not in w.handle.waitables():  # e.g. its stderr reached EOF: stop watching it
+                self._index()
 
     def _drain(self, w: _Worker) -> None:
         """Handle every message the worker has sent; a broken pipe or garbage means it is gone."""
@@ -432,11 +468,15 @@ class Supervisor:
         self._workers.remove(w)
         if self._closing or self._broken is not None:
             self._index()
+            error = self._broken or FleetClosedError("The fleet was closed before this task finished.")
+            for task in w.outstanding.values():
+                _fail(task.future, error)
             return
         if not w.ready:
             self._start_failures += 1
             if self._start_failures > self.max_start_failures:
                 self._index()
+                self._queue.extendleft(reversed(list(w.outstanding.values())))  # failed by the shutdown
                 self._break(
                     WorkerStartError(
                         f"Worker processes keep dying while starting ({self._start_failures} times, last: {cause}). "
@@ -487,7 +527,7 @@ class Supervisor:
     def _spawn(self, slot: WorkerSlot) -> None:
         try:
             handle = self._spawn_handle(slot)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - OSError (no processes, descriptors), pickling the init
             # Out of processes or descriptors, perhaps for a moment: try again next round.
             self._start_failures += 1
             if self._start_failures > self.max_start_failures:
@@ -537,6 +577,7 @@ class Supervisor:
             self._state.notify_all()
 
     def _fail_inbox(self) -> None:
+        """Fail every task still in the inbox (the loop has ended or is ending)."""
         reason = self._broken
         while True:
             try:
@@ -545,9 +586,6 @@ class Supervisor:
                 return
             if op == "task":
                 _fail(item.future, reason or FleetClosedError("Cannot run tasks, as the fleet has been closed."))
-            elif op == "stop":
-                self._inbox.appendleft((op, item))
-                return
 
     def _shutdown(self) -> None:
         """Stop idle workers gracefully, kill busy ones, fail every task left."""
@@ -575,7 +613,6 @@ class Supervisor:
         self._by_obj = {}
         self._closing = True
         self._fail_inbox()
-        self._inbox.clear()
         with self._state:
             self._snapshot = []
             self._state.notify_all()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import sys
 import time
 import traceback
@@ -146,7 +147,10 @@ def serve(conn: Any, init: WorkerInit) -> None:
             except Exception as exc:  # noqa: BLE001
                 conn.send(Failed(msg.task_id, remote_error(exc)))
             else:
-                conn.send(Done(msg.task_id, result))
+                try:
+                    conn.send(Done(msg.task_id, result))
+                except (pickle.PicklingError, TypeError, AttributeError) as exc:  # a result that does not pickle
+                    conn.send(Failed(msg.task_id, remote_error(exc)))
         elif type(msg) is Attach:
             try:
                 handler.attach(msg.context_id, msg.payload)
