@@ -215,7 +215,7 @@ def info(
     model: str | None, workers: int | None, threads_per_worker: int | None, devices: str, engine: str, as_json: bool
 ) -> None:
     """Cores, workers, threads, backend, devices and batch size kerasfleet would use."""
-    from ..engines import default_batch_size
+    from ..engines import default_batch_size, row_bytes
     from ..engines.model_file import resolve_model
     from ..runtime import default_backend, make_plan
 
@@ -257,10 +257,9 @@ def info(
             else:
                 facts["inputs"] = [s.describe() for s in sig.inputs]
                 if sig.fixed:
-                    import numpy as np
-
-                    row_bytes = sum(int(np.prod([d or 1 for d in s.shape])) * np.dtype(s.dtype).itemsize for s in sig.inputs)
-                    facts["batch_size"] = default_batch_size(row_bytes, plan.device, "keras" if engine == "auto" else engine)
+                    facts["batch_size"] = default_batch_size(
+                        row_bytes(sig.row_specs()), plan.device, "keras" if engine == "auto" else engine
+                    )
                 else:
                     facts["batch_size"] = "chosen per call from the input's row size"
     except FleetError as exc:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..engines import row_bytes
 from ..engines.model_file import resolve_model
 from ..engines.onnx_engine import OnnxEngine
 from ..engines.runner import Runner
@@ -69,7 +70,7 @@ def predict(
         }
         if engine == "auto" and workers is None and threads_per_worker is None:
             res = resolve(model_file, fleet_factory=Fleet, **options)
-            nbytes = sum(int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in sources)
+            nbytes = sources[0].rows * row_bytes(source_rows(sources))
             if res.plan.device == "cpu" and nbytes <= IN_PROCESS_MAX_BYTES and res.in_process_wins(sources[0].rows):
                 return _in_process(model_file, res, sources, batch_size, out, progress, custom_objects, safe_mode)
         with Fleet(model_file, **options) as fleet:

@@ -240,16 +240,19 @@ class Supervisor:
         """Stop every worker (idle ones gracefully, busy ones killed); fail what is left."""
         if self._closing:
             return
-        self._closing = True  # the loop ends at its next round; the write below wakes it
-        self._post("stop", None, check=False)
+        self._closing = True  # the loop ends at its next round
+        self._wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def _post(self, op: str, item: Any, check: bool = True) -> None:
+    def _post(self, op: str, item: Any) -> None:
         self._inbox.append((op, item))
-        if check and (self._closing or self._broken is not None):
+        if self._closing or self._broken is not None:
             # The loop may have finished already: nobody would answer this future.
             self._fail_inbox()
+        self._wake()
+
+    def _wake(self) -> None:
         with self._wake_lock:
             if self._wake_w < 0:
                 return

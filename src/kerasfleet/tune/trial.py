@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..cache import cache_dir, locked, model_hash, write_atomic
-from ..engines import default_batch_size
+from ..engines import default_batch_size, row_bytes
 from ..engines import export as exporting  # looked up at call time: tests replace it
 from ..engines.model_file import ModelFile, Signature
 from ..engines.onnx_engine import OnnxEngine
@@ -157,15 +157,10 @@ def synthetic_inputs(signature: Signature, rows: int, seed: int = 0) -> Any:
     return list(arrays.values()) if signature.structure == "list" else next(iter(arrays.values()))
 
 
-def _row_bytes(signature: Signature) -> int:
-    assert signature.inputs is not None
-    return sum(int(np.prod([d or 1 for d in s.shape])) * np.dtype(s.dtype).itemsize for s in signature.inputs)
-
-
-def trial_rows(row_bytes: int, batches: list[int], workers: int) -> int:
+def trial_rows(bytes_per_row: int, batches: list[int], workers: int) -> int:
     """Most rows the trial copies per timed call: about 64 MB of input, but never so few that
     a large fleet idles - every worker gets at least four chunks of the largest batch."""
-    return max(batches) * 2 + _MAX_TRIAL_BYTES // max(1, row_bytes) + 4 * workers * max(batches)
+    return max(batches) * 2 + _MAX_TRIAL_BYTES // max(1, bytes_per_row) + 4 * workers * max(batches)
 
 
 def _timed_rates(run: Any, signature: Signature, batches: list[int], workers: int = 1) -> dict[int, float]:
@@ -175,7 +170,7 @@ def _timed_rates(run: Any, signature: Signature, batches: list[int], workers: in
     a neighbour's burst on a shared machine only ever slows a run, and alternating keeps the
     first-measured candidate from paying for the machine settling down.
     """
-    cap = trial_rows(_row_bytes(signature), batches, workers)
+    cap = trial_rows(row_bytes(signature.row_specs()), batches, workers)
     rows = min(cap, max(8, 4 * workers) * max(batches))
     x = synthetic_inputs(signature, rows)
     for batch in batches:
@@ -214,7 +209,7 @@ def tune(
     cores = len(usable_cpus())
     # The default split respects the memory cap: as many 1-thread workers as fit.
     wide = make_plan(devices="cpu").workers
-    row_bytes = _row_bytes(signature)
+    one_row = row_bytes(signature.row_specs())
     began = time.perf_counter()
     table: list[dict[str, Any]] = []
     note = ""
@@ -264,7 +259,7 @@ def tune(
         note = f"ONNX not used: {exc}"
         warnings.warn(f"kerasfleet: {note}", RuntimeWarning, stacklevel=2)
     if onnx is not None:
-        b_onnx = default_batch_size(row_bytes, "cpu", "onnx")
+        b_onnx = default_batch_size(one_row, "cpu", "onnx")
         runner = Runner(OnnxEngine(str(onnx.path), onnx.meta, threads=cores, gpu=False))
         rows_key = signature.row_specs()
 
@@ -278,7 +273,7 @@ def tune(
         fleet_candidate("onnx", wide, 1, sorted({b_onnx, min(4096, b_onnx * 4)}))
         if cores > 1 and time.perf_counter() - began < seconds:
             fleet_candidate("onnx", 1, cores, [b_onnx])
-    fleet_candidate("keras", wide, 1, [default_batch_size(row_bytes, "cpu", "keras")])
+    fleet_candidate("keras", wide, 1, [default_batch_size(one_row, "cpu", "keras")])
 
     fleets = [r for r in table if r["where"] == "workers"]
     best = max(fleets, key=lambda r: r["rows_per_s"])
