@@ -4,6 +4,7 @@
     kerasfleet.Fleet(model)               warm workers for repeated calls and streams
     kerasfleet.Predictor(model)           low latency in this process, no retracing after warm-up
     kerasfleet.make_plan()                workers, threads, cores and GPUs it would use
+    kerasfleet.serve(models) / Server     an HTTP server (KServe V2, TF Serving REST) with dynamic batching
 
 Attributes load lazily: `import kerasfleet` costs milliseconds and imports no framework, and a
 spawned worker can set its thread budget before NumPy or Keras start.
@@ -25,12 +26,14 @@ __all__ = [
     "Plan",
     "TaskTimeoutError",
     "Predictor",
+    "Server",
     "WorkerCrashedError",
     "WorkerError",
     "WorkerStartError",
     "__version__",
     "make_plan",
     "predict",
+    "serve",
 ]
 
 _LAZY = {
@@ -38,6 +41,8 @@ _LAZY = {
     "predict": ".prediction.api",
     "Predictor": ".prediction.predictor",
     "make_plan": ".runtime.plan",
+    "Server": ".serving.server",
+    "serve": ".serving.server",
     "Plan": ".runtime.plan",
     "FleetError": ".errors",
     "FleetClosedError": ".errors",
@@ -64,6 +69,7 @@ if TYPE_CHECKING:
     from .prediction.fleet import Fleet
     from .prediction.predictor import Predictor
     from .runtime.plan import Plan, make_plan
+    from .serving.server import Server, serve
 
 
 def __getattr__(name: str) -> Any:

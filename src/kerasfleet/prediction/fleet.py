@@ -260,6 +260,18 @@ class Fleet:
             "backend": self.backend,
         }
 
+    def outputs(self, rows: int | None = None, batch_size: int | None = None) -> Outputs:
+        """The outputs' names, per-row shapes and dtypes for calls of `rows` rows (a fixed signature).
+
+        Known from warm-up for the warm shape; other shapes are compiled in one worker first.
+        """
+        self._check_open()
+        if not self.signature.fixed:
+            raise InputError("Expected a model with fixed per-row input shapes to know its outputs ahead of a call.")
+        row_specs = self.signature.row_specs()
+        batch = batch_size or self._resolution.batch_for(row_specs)
+        return self._outputs((bucket(rows, batch) if rows else batch, row_specs))
+
     @property
     def restarts(self) -> int:
         return self._supervisor.restarts

@@ -106,21 +106,31 @@ class Predictor:
     def predict(self, x: Any) -> Any:
         """Predict `x` (any number of rows); returns what `model.predict(x)` returns."""
         started = time.perf_counter()
-        arrays = self._arrays(x)
+        result = self._outputs.pack(self.predict_arrays(self._arrays(x)))
+        self._latencies.append(time.perf_counter() - started)
+        self._calls += 1
+        return result
+
+    @property
+    def outputs(self) -> Outputs:
+        """The outputs' names, per-row shapes and dtypes, in the order `predict_arrays` returns them."""
+        return self._outputs
+
+    def predict_arrays(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        """Checked arrays in the signature's order (any rows) -> one array per output.
+
+        The path of callers that validated already (the server): no conversion, no stats.
+        """
         n = arrays[0].shape[0]
         if n == 0:
-            return self._outputs.pack(self._outputs.empty(0))
+            return self._outputs.empty(0)
         parts: list[list[np.ndarray[Any, Any]]] = []
         for lo in range(0, n, self.buckets[-1]):
             part = [a[lo : lo + self.buckets[-1]] for a in arrays]
             m = part[0].shape[0]
             size = next(b for b in self.buckets if b >= m)
             parts.append(self._run(size, part))
-        flat = parts[0] if len(parts) == 1 else [np.concatenate(cols) for cols in zip(*parts)]
-        result = self._outputs.pack(flat)
-        self._latencies.append(time.perf_counter() - started)
-        self._calls += 1
-        return result
+        return parts[0] if len(parts) == 1 else [np.concatenate(cols) for cols in zip(*parts)]
 
     def _arrays(self, x: Any) -> list[np.ndarray[Any, Any]]:
         rows = self._rows

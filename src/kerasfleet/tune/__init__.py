@@ -7,7 +7,7 @@ Imports `engines` and `runtime` below it; fleets to measure are passed in by the
 """
 
 from .resolver import ENGINE_CHOICES, Resolution, check_engine, resolve, resolve_in_process
-from .trial import DEFAULT_TRIAL_S, TunedPlan, cached_plan, get_plan, plan_path, synthetic_inputs, tune
+from .trial import DEFAULT_TRIAL_S, TunedPlan, cached_plan, get_plan, machine_key, plan_path, synthetic_inputs, tune
 
 __all__ = [
     "DEFAULT_TRIAL_S",
@@ -17,6 +17,7 @@ __all__ = [
     "cached_plan",
     "check_engine",
     "get_plan",
+    "machine_key",
     "plan_path",
     "resolve",
     "resolve_in_process",

@@ -117,10 +117,14 @@ def machine_facts(backend: str) -> dict[str, Any]:
     }
 
 
-def plan_path(model: ModelFile, backend: str) -> Path:
+def machine_key(backend: str) -> str:
+    """A short hash of this machine's facts (cores, CPU, backend, library versions)."""
     # Read once per process: package metadata lookups cost milliseconds on every call otherwise.
-    machine = hashlib.sha256(_machine_facts(backend).encode()).hexdigest()[:16]
-    return cache_dir() / "plans" / f"{model_hash(model.path)}-{machine}-v{_PLAN_FORMAT}.json"
+    return hashlib.sha256(_machine_facts(backend).encode()).hexdigest()[:16]
+
+
+def plan_path(model: ModelFile, backend: str) -> Path:
+    return cache_dir() / "plans" / f"{model_hash(model.path)}-{machine_key(backend)}-v{_PLAN_FORMAT}.json"
 
 
 def cached_plan(model: ModelFile, backend: str) -> TunedPlan | None:

@@ -1,0 +1,239 @@
+"""Dynamic batching: requests for one model merged into batches, run, and split back.
+
+    handler --submit()--> queue --lane: form a batch--> executor thread --> split --> handlers
+                             ^                                   (the next batch forms meanwhile)
+                             '-- 503 at once when max_queue requests already wait
+
+Everything but the model call runs on the server's event loop, so the queue needs no lock; each
+lane (one for an in-process engine, two per worker for a fleet) forms a batch, hands it to a
+thread and awaits it, and while it runs the requests that arrive wait in the queue: the next
+batch forms while the current one runs.
+
+When to close a batch. Waiting for more rows costs latency, not waiting costs batch size. A
+batch closes when it is full (`max_batch_size` rows), when its oldest request has waited
+`max_delay_ms`, or as soon as no more requests can be expected: every client connection seen
+in the last second already has its request queued or running. With HTTP/1.1 a connection sends
+its next request only after its answer, so one client alone never waits for a batch (its
+request runs at once), while 64 clients are merged into batches of up to 64. A client that
+went away counts as "may send" for one second (`_CLIENT_WINDOW_S`), costing at most
+`max_delay_ms` per batch in that second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..engines import Outputs
+
+_CLIENT_WINDOW_S = 1.0
+_PRUNE_EVERY_S = 0.05
+
+
+class Executor(Protocol):
+    """Runs merged batches: in the server's process or on a fleet of workers."""
+
+    description: str
+    outputs: Outputs
+    lanes: int  # batches it runs at once
+
+    def run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        """Inputs in the signature's order (any rows) -> outputs in `outputs.specs` order."""
+
+    def close(self) -> None: ...
+
+
+class Overloaded(Exception):
+    """The model's queue is full."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    arrays: list[np.ndarray[Any, Any]]
+    rows: int
+    future: asyncio.Future[list[np.ndarray[Any, Any]]]
+    client: Hashable
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class Clients:
+    """Connections that may send a request soon: seen lately, none of their requests pending.
+
+    Shared by every model's batcher: a client waiting on one model sends nothing to another.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Hashable, float] = {}
+        self._pending: dict[Hashable, int] = {}
+        self._pruned = 0.0
+
+    def arrived(self, client: Hashable) -> None:
+        self._seen[client] = time.monotonic()
+        self._pending[client] = self._pending.get(client, 0) + 1
+
+    def answered(self, client: Hashable) -> None:
+        left = self._pending.get(client, 1) - 1
+        if left <= 0:
+            self._pending.pop(client, None)
+        else:
+            self._pending[client] = left
+        self._seen[client] = time.monotonic()
+
+    def expected(self) -> int:
+        """How many more requests may arrive before the current ones are answered."""
+        now = time.monotonic()
+        if now - self._pruned > _PRUNE_EVERY_S:
+            self._pruned = now
+            stale = [c for c, t in self._seen.items() if now - t > _CLIENT_WINDOW_S and c not in self._pending]
+            for c in stale:
+                del self._seen[c]
+        return len(self._seen) - len(self._pending)
+
+
+class Batcher:
+    """One model's queue and lanes. Create it on the event loop that will serve its requests."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue: int,
+        clients: Clients,
+        on_batch: Callable[[int, float], None] | None = None,
+        on_queued: Callable[[float], None] | None = None,
+    ) -> None:
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay_ms / 1e3
+        self.max_queue = max_queue
+        self._clients = clients
+        self._on_batch = on_batch
+        self._on_queued = on_queued
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._wake = asyncio.Event()
+        self._forming = asyncio.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=executor.lanes, thread_name_prefix="kerasfleet-batch")
+        self._lanes = [asyncio.ensure_future(self._lane()) for _ in range(executor.lanes)]
+        self.running = 0  # requests in batches being run
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a batch."""
+        return len(self._queue)
+
+    async def submit(self, arrays: list[np.ndarray[Any, Any]], client: Hashable) -> list[np.ndarray[Any, Any]]:
+        """Queue one request's rows; its outputs once its batch has run.
+
+        Raises `Overloaded` at once when the queue is full. Cancelling the awaiting task (a
+        timeout) takes the rows out of any batch not yet formed.
+        """
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded
+        future: asyncio.Future[list[np.ndarray[Any, Any]]] = asyncio.get_running_loop().create_future()
+        pending = _Pending(arrays, int(arrays[0].shape[0]), future, client)
+        self._queue.append(pending)
+        self._queued_rows += pending.rows
+        self._clients.arrived(client)
+        self._wake.set()
+        try:
+            return await future
+        finally:
+            self._clients.answered(client)
+
+    async def close(self) -> None:
+        """Stop the lanes (after the queue drained) and the threads."""
+        for lane in self._lanes:
+            lane.cancel()
+        await asyncio.gather(*self._lanes, return_exceptions=True)
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("The server is shutting down."))
+        self._pool.shutdown(wait=True)
+
+    # -- lanes -------------------------------------------------------------------------------
+    async def _lane(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            async with self._forming:
+                batch = await self._form()
+            arrays = _merge(batch)
+            started = time.perf_counter()
+            for p in batch:
+                if self._on_queued is not None:
+                    self._on_queued(started - p.arrived)
+            self.running += len(batch)
+            try:
+                outputs = await loop.run_in_executor(self._pool, self.executor.run, arrays)
+            except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            finally:
+                self.running -= len(batch)
+            if self._on_batch is not None:
+                self._on_batch(int(arrays[0].shape[0]), time.perf_counter() - started)
+            lo = 0
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_result([o[lo : lo + p.rows] for o in outputs])
+                lo += p.rows
+
+    async def _form(self) -> list[_Pending]:
+        """Wait for a batch to be worth running (see the module docstring); take it off the queue."""
+        while True:
+            self._drop_abandoned()
+            if self._queue:
+                break
+            self._wake.clear()
+            await self._wake.wait()
+        deadline = self._queue[0].arrived + self.max_delay
+        while self._queued_rows < self.max_batch_size and self._clients.expected() > 0:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+            self._drop_abandoned()
+            if not self._queue:  # every waiting request timed out meanwhile
+                return await self._form()
+        batch: list[_Pending] = []
+        rows = 0
+        while self._queue:
+            head = self._queue[0]
+            if head.future.done():  # abandoned while waiting: its rows are not run
+                self._queue.popleft()
+                self._queued_rows -= head.rows
+                continue
+            if batch and rows + head.rows > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_rows -= head.rows
+            batch.append(head)
+            rows += head.rows
+        if not batch:
+            return await self._form()
+        return batch
+
+    def _drop_abandoned(self) -> None:
+        while self._queue and self._queue[0].future.done():
+            self._queued_rows -= self._queue.popleft().rows
+
+
+def _merge(batch: list[_Pending]) -> list[np.ndarray[Any, Any]]:
+    if len(batch) == 1:
+        return batch[0].arrays
+    return [np.concatenate(column) for column in zip(*(p.arrays for p in batch))]

@@ -1,0 +1,193 @@
+"""Where a served model's batches run: in the server's process or on a fleet of workers.
+
+| execution | what runs a batch | lanes (batches at once) |
+| --- | --- | --- |
+| `in-process` | a `Predictor`: the resolver's in-process engine (ONNX Runtime when its export passed parity, else compiled Keras) on the usable cores | 1 |
+| `fleet` | a `Fleet`: the resolver's fleet engine and plan (measured once per model and machine) | 2 per worker |
+| `auto` | both are built and timed on full batches at start; the fleet is kept only when it runs at least `_FLEET_MARGIN` x the in-process rows/s (it adds a hop per batch); the choice is remembered per model, machine and options | |
+
+Every batch bucket (1, 2, 4, ... `max_batch_size` rows) is run once before the model is ready,
+on every worker of a fleet, so no request pays for a compile.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..cache import cache_dir, locked, model_hash, write_atomic
+from ..engines import Outputs
+from ..engines.model_file import Signature
+from ..prediction import Fleet, Predictor
+from ..runtime import default_backend, usable_cpus
+from ..tune import machine_key
+from .batcher import Executor
+from .options import ModelSpec, ServeOptions
+
+_FLEET_MARGIN = 1.2
+_MEASURE_S = 0.5
+
+
+class InProcess:
+    """Batches run by a `Predictor` in the server's process; one at a time."""
+
+    lanes = 1
+
+    def __init__(self, spec: ModelSpec, options: ServeOptions) -> None:
+        self.predictor = Predictor(
+            spec.path,
+            engine=options.engine,
+            max_batch_size=options.max_batch_size,
+            threads=options.threads_per_worker or len(usable_cpus()),
+            custom_objects=options.custom_objects,
+            safe_mode=options.safe_mode,
+        )  # warms every bucket
+        self.signature: Signature = self.predictor.signature
+        self.outputs: Outputs = self.predictor.outputs
+        self.engine = self.predictor.engine_name
+        self.description = f"in-process {self.engine}"
+
+    def run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        return self.predictor.predict_arrays(arrays)
+
+    def close(self) -> None:
+        pass
+
+
+class OnFleet:
+    """Batches run by a `Fleet` of worker processes; two per worker at once."""
+
+    def __init__(self, spec: ModelSpec, options: ServeOptions) -> None:
+        self.fleet = Fleet(
+            spec.path,
+            workers=options.workers,
+            threads_per_worker=options.threads_per_worker,
+            devices="auto",
+            batch_size=options.max_batch_size,
+            backend=options.backend,
+            custom_objects=options.custom_objects,
+            safe_mode=options.safe_mode,
+            engine=options.engine,
+        )
+        try:
+            self.signature = self.fleet.signature
+            self.engine = self.fleet.engine
+            self.lanes = 2 * self.fleet.plan.workers
+            self.description = f"fleet of {self.fleet.plan.describe()}, engine {self.engine}"
+            self.fleet.wait_ready()
+            self.outputs = self.fleet.outputs(options.max_batch_size, options.max_batch_size)
+            self._structure = self.signature.structure
+            self._names = [s.name for s in self.signature.inputs or ()]
+            self._batch_size = options.max_batch_size
+            self._warm(options.max_batch_size)
+        except BaseException:
+            self.fleet.close()
+            raise
+
+    def _warm(self, max_batch_size: int) -> None:
+        """Every bucket once on every worker (round-robin dispatch spreads concurrent calls)."""
+        rows = self.signature.row_specs()
+        workers = self.fleet.plan.workers
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for size in _buckets(max_batch_size):
+                arrays = [np.zeros((size, *shape), np.dtype(dtype)) for shape, dtype in rows]
+                list(pool.map(lambda _: self.run(arrays), range(workers)))
+
+    def run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        if self._structure == "dict":
+            x: Any = dict(zip(self._names, arrays))
+        elif self._structure == "list":
+            x = list(arrays)
+        else:
+            x = arrays[0]
+        y = self.fleet.predict(x, batch_size=self._batch_size, progress=False)
+        if self.outputs.structure == "dict":
+            return [y[o.name] for o in self.outputs.specs]
+        return list(y) if self.outputs.structure == "list" else [y]
+
+    def close(self) -> None:
+        self.fleet.close()
+
+
+@dataclass
+class Choice:
+    executor: Executor
+    signature: Signature
+    engine: str
+    note: str  # why this execution: what was measured, or that it was given
+
+
+def build_executor(spec: ModelSpec, options: ServeOptions, log: Callable[[str], None]) -> Choice:
+    """The executor for one model, as `options.execution` says (measuring for "auto")."""
+    if options.execution == "in-process":
+        ex: InProcess | OnFleet = InProcess(spec, options)
+        return Choice(ex, ex.signature, ex.engine, "execution=in-process given")
+    if options.execution == "fleet":
+        ex = OnFleet(spec, options)
+        return Choice(ex, ex.signature, ex.engine, "execution=fleet given")
+    path = _choice_path(spec, options)
+    try:
+        remembered = json.loads(path.read_text())
+    except (OSError, ValueError):
+        remembered = None
+    if remembered is not None:
+        ex = OnFleet(spec, options) if remembered["execution"] == "fleet" else InProcess(spec, options)
+        return Choice(ex, ex.signature, ex.engine, f"{remembered['note']}; remembered from {path}")
+    with locked(path):
+        log(f"{spec.name}: measuring in-process and fleet execution on {options.max_batch_size}-row batches (once per model and machine)")
+        inproc = InProcess(spec, options)
+        in_rate = _rows_per_s(inproc, options.max_batch_size)
+        try:
+            fleet = OnFleet(spec, options)
+        except Exception as exc:  # noqa: BLE001 - the in-process engine still serves
+            note = f"in-process {in_rate:,.0f} rows/s; a fleet did not start ({type(exc).__name__}: {exc})"
+            return Choice(inproc, inproc.signature, inproc.engine, note)
+        fleet_rate = _rows_per_s(fleet, options.max_batch_size)
+        use_fleet = fleet_rate >= _FLEET_MARGIN * in_rate
+        note = (
+            f"measured on {options.max_batch_size}-row batches: in-process {inproc.engine} {in_rate:,.0f} rows/s, "
+            f"{fleet.description} {fleet_rate:,.0f} rows/s"
+        )
+        write_atomic(path, json.dumps({"execution": "fleet" if use_fleet else "in-process", "note": note}).encode())
+        (inproc if use_fleet else fleet).close()
+        chosen = fleet if use_fleet else inproc
+        return Choice(chosen, chosen.signature, chosen.engine, note)
+
+
+def _rows_per_s(executor: InProcess | OnFleet, rows: int) -> float:
+    """Steady rows/s on full batches with every lane busy."""
+    arrays = [np.zeros((rows, *shape), np.dtype(dtype)) for shape, dtype in executor.signature.row_specs()]
+    done = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + _MEASURE_S
+
+    def lane() -> None:
+        executor.run(arrays)  # warm
+        while time.perf_counter() < stop:
+            executor.run(arrays)
+            with lock:
+                done[0] += rows
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=executor.lanes) as pool:
+        list(pool.map(lambda _: lane(), range(executor.lanes)))
+    return done[0] / max(time.perf_counter() - started, 1e-9)
+
+
+def _choice_path(spec: ModelSpec, options: ServeOptions) -> Any:
+    backend = options.backend or default_backend()
+    parts = [options.engine, options.max_batch_size, options.workers, options.threads_per_worker]
+    name = f"{model_hash(spec.path)}-{machine_key(backend)}-" + "-".join(str(p) for p in parts)
+    return cache_dir() / "serve" / f"{name}.json"
+
+
+def _buckets(max_batch_size: int) -> list[int]:
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size]
+    return sizes if sizes[-1] == max_batch_size else [*sizes, max_batch_size]
