@@ -71,11 +71,8 @@ def ray_main(argv: list[str]) -> None:
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    stop = threading.Event()
-    # Installed before ray.init: a SIGTERM during the (long) start still shuts down what started.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-
+    # Until ray.init returns, Ray's own SIGTERM handler (sys.exit) and its atexit hook shut down
+    # what it started; from then on, ours: Serve first, then Ray.
     ray.init(
         num_cpus=args.num_cpus,
         include_dashboard=False,
@@ -83,6 +80,9 @@ def ray_main(argv: list[str]) -> None:
         _temp_dir=args.temp_dir,
         log_to_driver=False,
     )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
 
@@ -117,6 +117,7 @@ def ray_main(argv: list[str]) -> None:
         print(f"ready on http://127.0.0.1:{args.port}{ROUTE}", flush=True)
         while not stop.wait(0.5):
             pass
+        print("SIGTERM: shutting down Serve and Ray", flush=True)
         serve.shutdown()
     finally:
         ray.shutdown()

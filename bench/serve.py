@@ -53,6 +53,7 @@ import importlib.util
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -288,13 +289,14 @@ def process_tree(root: int) -> dict[int, str]:
     return {pid: starts[pid] for pid in tree}
 
 
-def tree_cpu_seconds(root: int) -> float:
-    total = 0
+def tree_cpu_seconds(root: int) -> dict[tuple[int, str], float]:
+    """CPU seconds so far of each live process of the tree, keyed by (pid, command name)."""
+    seconds = {}
     for pid in process_tree(root):
         stat = _proc_stat(pid)
         if stat is not None:
-            total += int(stat[11]) + int(stat[12])  # utime, stime
-    return total / TICKS
+            seconds[(pid, _comm(pid))] = (int(stat[11]) + int(stat[12])) / TICKS  # utime, stime
+    return seconds
 
 
 @dataclass
@@ -396,6 +398,7 @@ def server_for(name: str, args: argparse.Namespace, model_path: Path, tmp: Path)
     if name == "kerasfleet":
         command = [sys.executable, "-m", "kerasfleet", "serve", f"mlp={model_path}", "--port", str(port)]
         command += ["--max-batch-size", str(args.max_batch_size), "--max-delay-ms", str(args.max_delay_ms)]
+        command += shlex.split(args.kerasfleet_args)
         return Server(name, command, env, "health", port, log)
     if name.startswith("plain-"):
         env["BENCH_SERVE_MODEL"], env["BENCH_SERVE_METHOD"] = str(model_path), name.removeprefix("plain-")
@@ -480,6 +483,7 @@ class Cell:
     client_cpu_pct: float = 0.0  # of one core, over the window
     client_cpu_us_per_req: float | None = None
     server_cpu_pct: float | None = None  # of one core, the server's whole process tree
+    server_cpu_top: dict[str, float] = field(default_factory=dict)  # "comm pid" -> % of one core, its busiest processes
 
 
 @dataclass
@@ -598,7 +602,11 @@ async def run_cell(target: Target, work: Workload, concurrency: int, rows: int, 
     cell.client_cpu_pct = 100 * cpu / window
     cell.client_cpu_us_per_req = 1e6 * cpu / cell.requests if cell.requests else None
     if start["server"] is not None and end["server"] is not None:
-        cell.server_cpu_pct = 100 * (end["server"] - start["server"]) / window
+        # A process started inside the window counts from 0; one that ended inside it is not counted.
+        used = {key: seconds - start["server"].get(key, 0.0) for key, seconds in end["server"].items()}
+        cell.server_cpu_pct = 100 * sum(used.values()) / window
+        busiest = sorted(used.items(), key=lambda kv: -kv[1])[:5]
+        cell.server_cpu_top = {f"{comm} {pid}": round(100 * v / window, 1) for (pid, comm), v in busiest if v > 0}
     if start["batches"] and end["batches"]:
         d_rows, d_execs = end["batches"][0] - start["batches"][0], end["batches"][1] - start["batches"][1]
         cell.mean_batch = d_rows / d_execs if d_execs > 0 else None
@@ -669,6 +677,12 @@ def cell_line(cell: Cell) -> str:
     return (
         f"{cell.concurrency} clients x {cell.rows} rows: {cell.req_per_s:,.0f} req/s, p50 {_num(cell.p50_ms, '.2f')} ms, "
         f"p99 {_num(cell.p99_ms, '.2f')} ms, errors {_errors(cell)}, load generator {cell.client_cpu_pct:.0f}% of a core"
+        + (f", server tree {_num(cell.server_cpu_pct, '.0f')}%" if cell.server_cpu_top else "")
+        + (
+            f" (busiest: {', '.join(f'{k} {v:.0f}%' for k, v in list(cell.server_cpu_top.items())[:3])})"
+            if cell.server_cpu_top
+            else ""
+        )
         + (f" (first error: {cell.first_error})" if cell.first_error and cell.errors else "")
     )
 
@@ -735,9 +749,13 @@ def main() -> None:
     parser.add_argument(
         "--max-delay-ms", type=float, default=2.0, help="batch wait (kerasfleet --max-delay-ms, Ray's batch_wait_timeout_s)"
     )
+    parser.add_argument(
+        "--kerasfleet-args", default="", help='more options for `kerasfleet serve`, e.g. "--engine onnx --execution in-process"'
+    )
     parser.add_argument("--ray-cpus", type=int, default=2, help="ray.init(num_cpus=...) and the replica's num_cpus")
     parser.add_argument("--client", choices=("raw", "aiohttp"), default="raw", help="load generator's HTTP client")
     parser.add_argument("--json", type=Path, default=None, help="write every result to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, server logs, Ray's session)")
     args = parser.parse_args()
     unknown = (set(args.servers) | set(args.skip)) - set(SERVERS)
     if unknown:
@@ -796,7 +814,10 @@ def main() -> None:
             )
             print(f"\nresults written to {args.json}")
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"\nkept {tmp} (model, server logs)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,5 +25,4 @@ if _MISSING:
 
 from .server import Server, serve  # noqa: E402
 
-
 __all__ = ["Server", "serve"]

@@ -98,7 +98,7 @@ class OnFleet:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for size in _buckets(max_batch_size):
                 arrays = [np.zeros((size, *shape), np.dtype(dtype)) for shape, dtype in rows]
-                list(pool.map(lambda _: self.run(arrays), range(workers)))
+                list(pool.map(self.run, [arrays] * workers))
 
     def run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         if self._structure == "dict":
