@@ -23,6 +23,7 @@ a per-request log line costs the peers CPU that kerasfleet does not spend.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import signal
 import sys
@@ -83,6 +84,10 @@ def ray_main(argv: list[str]) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # batch_size_fn (recent Rays) makes max_batch_size count rows, as kerasfleet's does; an older
+    # Ray counts requests, which at 32 rows per request allows batches 32 times larger.
+    counts_rows = "batch_size_fn" in inspect.signature(serve.batch).parameters
+    rows_option = {"batch_size_fn": lambda xs: sum(len(x) for x in xs)} if counts_rows else {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
 
@@ -97,11 +102,7 @@ def ray_main(argv: list[str]) -> None:
 
                 self.model = keras.saving.load_model(path)
 
-            @serve.batch(
-                max_batch_size=args.max_batch_size,
-                batch_wait_timeout_s=args.max_delay_ms / 1e3,
-                batch_size_fn=lambda xs: sum(len(x) for x in xs),
-            )
+            @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.max_delay_ms / 1e3, **rows_option)
             async def predict(self, xs: list[np.ndarray]) -> list[np.ndarray]:
                 y = np.asarray(self.model.predict_on_batch(np.concatenate(xs)))
                 return np.split(y, np.cumsum([len(x) for x in xs])[:-1])
@@ -114,7 +115,8 @@ def ray_main(argv: list[str]) -> None:
                 return JSONResponse({"predictions": y.tolist()})
 
         serve.run(KerasModel.bind(args.model), name="mlp", route_prefix="/")
-        print(f"ready on http://127.0.0.1:{args.port}{ROUTE}", flush=True)
+        unit = "rows" if counts_rows else "requests (this Ray has no batch_size_fn)"
+        print(f"ready on http://127.0.0.1:{args.port}{ROUTE}; batches of up to {args.max_batch_size} {unit}", flush=True)
         while not stop.wait(0.5):
             pass
         print("SIGTERM: shutting down Serve and Ray", flush=True)

@@ -2,7 +2,7 @@
 
 | execution | what runs a batch | lanes (batches at once) |
 | --- | --- | --- |
-| `in-process` | a `Predictor`: the resolver's in-process engine (ONNX Runtime when its export passed parity, else compiled Keras) on the usable cores | 1 |
+| `in-process` | a `Predictor`: the resolver's in-process engine (ONNX Runtime when its export passed parity, else compiled Keras) on every usable core but one (the HTTP loop's) | 1 |
 | `fleet` | a `Fleet`: the resolver's fleet engine and plan (measured once per model and machine) | 2 per worker |
 | `auto` | both are built and timed on full batches at start; the fleet is kept only when it runs at least `_FLEET_MARGIN` x the in-process rows/s (it adds a hop per batch); the choice is remembered per model, machine and options | |
 
@@ -35,6 +35,16 @@ _FLEET_MARGIN = 1.2
 _MEASURE_S = 0.5
 
 
+def in_process_threads() -> int:
+    """Threads of an in-process engine: every usable core but one, left to the HTTP event loop.
+
+    The loop parses, checks and answers every request on one core; an engine that also takes
+    that core makes both wait (on 2 cores: 2 ONNX threads served 1-row requests with the
+    loop at 163% CPU where 1 thread needs about 100%).
+    """
+    return max(1, len(usable_cpus()) - 1)
+
+
 class InProcess:
     """Batches run by a `Predictor` in the server's process; one at a time."""
 
@@ -45,7 +55,7 @@ class InProcess:
             spec.path,
             engine=options.engine,
             max_batch_size=options.max_batch_size,
-            threads=options.threads_per_worker or len(usable_cpus()),
+            threads=options.threads_per_worker or in_process_threads(),
             custom_objects=options.custom_objects,
             safe_mode=options.safe_mode,
         )  # warms every bucket
