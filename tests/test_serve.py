@@ -6,6 +6,7 @@ stops a server starts its own.
 """
 
 import asyncio
+import gzip
 import json
 import os
 import re
@@ -282,6 +283,8 @@ BAD_INPUTS = {
     "binary size mismatch": ("POST", V2, *binary_body(100, 128), 400, "Expected binary_data_size 128"),
     "binary bytes missing": ("POST", V2, *binary_body(128, 64), 400, "Expected 128 bytes of binary data"),
     "header length past the body": ("POST", V2, b"{}", {"Inference-Header-Content-Length": "99"}, 400, "Inference-Header-Content-Length"),
+    "zip bomb": ("POST", V2, gzip.compress(b" " * 200_000), {"Content-Encoding": "gzip"}, 413, "once decompressed"),
+    "unknown encoding": ("POST", V2, v2_body(ROW), {"Content-Encoding": "br"}, 415, "Expected Content-Encoding gzip"),
     "missing token": ("POST", V2, v2_body(ROW), {"Authorization": None}, 401, "Bearer"),
     "wrong token": ("GET", "/v2/models/mlp", None, {"Authorization": "Bearer nope"}, 401, "Bearer"),
     "unknown version": ("GET", "/v2/models/mlp/versions/7", None, {}, 404, "version 1"),
@@ -306,6 +309,17 @@ def test_bad_input_is_refused_clearly(local_server, case):
     assert got == 200, answer
 
 
+@pytest.mark.parametrize("compression", ["gzip", "deflate"])
+def test_tritonclient_compressed_requests(local_server, compression):
+    server, folder = local_server
+    x, y = load_x(folder, "mlp"), load_y(folder, "mlp")["output_0"]
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=60)
+    t = triton.InferInput("features", [3, 32], "FP32")
+    t.set_data_from_numpy(x[:3], binary_data=True)
+    result = client.infer("mlp", [t], headers=dict(AUTH), request_compression_algorithm=compression)  # it adds to the dict
+    close(result.as_numpy("output_0"), y[:3])
+
+
 def test_health_needs_no_token_but_the_rest_does(local_server):
     server, _ = local_server
     assert get(server.url + "/v2/health/live")[0] == 200
@@ -320,7 +334,7 @@ def test_larger_requests_than_max_batch_size_are_run_whole(local_server):
     server, folder = local_server
     x, y = load_x(folder, "mlp"), load_y(folder, "mlp")["output_0"]
     status, body, _ = post_json(server.url + "/v1/models/mlp:predict", {"instances": x[:50].tolist()}, headers=AUTH)
-    assert status == 200
+    assert status == 200, body
     close(json.loads(body)["predictions"], y[:50])
 
 

@@ -12,7 +12,7 @@
 
 Every route but the two health checks needs the bearer token when the server has one. Errors
 are JSON {"error": "..."} with 400 (bad input), 401 (token), 404 (unknown model), 413 (body over
-the limit), 503 (loading, draining or a full queue, with Retry-After), 504 (past timeout_s) or
+the limit, also once decompressed: gzip and deflate bodies are accepted), 415 (another encoding), 503 (loading, draining or a full queue, with Retry-After), 504 (past timeout_s) or
 500 (the model failed on the batch: every request of that batch gets it).
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from .options import ModelSpec, ServeOptions
 from .tensors import BadRequest, ModelView
 
 _RETRY_AFTER_S = "1"
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # what tritonclient may send
 
 
 @dataclass
@@ -114,7 +116,21 @@ def build_app(state: State) -> Starlette:
             if size > limit:
                 raise BadRequest(f"Expected a body of at most {options.max_body_mb:g} MB (max_body_mb). Received: more.", 413)
             chunks.append(chunk)
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("identity", ""):
+            return body
+        if encoding not in _DECODERS:
+            raise BadRequest(f"Expected Content-Encoding gzip, deflate or none. Received: {encoding!r}.", 415)
+        # Bounded: a small compressed body must not expand past the limit (a zip bomb).
+        decoder = zlib.decompressobj(_DECODERS[encoding])
+        try:
+            plain = decoder.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise BadRequest(f"Expected a valid {encoding} body. Received: {exc}.") from None
+        if len(plain) > limit or decoder.unconsumed_tail:
+            raise BadRequest(f"Expected a body of at most {options.max_body_mb:g} MB (max_body_mb) once decompressed. Received: more.", 413)
+        return plain
 
     async def predict(
         request: Request,
@@ -141,8 +157,26 @@ def build_app(state: State) -> Starlette:
             except BadRequest as exc:
                 m.failed("bad_request")
                 return error(exc.status, str(exc))
+            # A timer cancels this task at the deadline (cheaper than wait_for's extra task);
+            # the cancelled future tells the batcher to leave the rows out.
+            task = asyncio.current_task()
+            assert task is not None
+            expired: list[bool] = []
+
+            def expire() -> None:
+                expired.append(True)
+                task.cancel()
+
+            timer = asyncio.get_running_loop().call_later(options.timeout_s, expire)
             try:
-                outputs = await asyncio.wait_for(served.batcher.submit(arrays_of(parsed), request.scope.get("client")), options.timeout_s)
+                outputs = await served.batcher.submit(arrays_of(parsed), request.scope.get("client"))
+            except asyncio.CancelledError:
+                if not expired:
+                    raise  # the server is stopping this task, not the timeout
+                if hasattr(task, "uncancel"):  # Python 3.11+: the task goes on, not cancelled
+                    task.uncancel()
+                m.failed("timeout")
+                return error(504, f"Expected an answer within timeout_s={options.timeout_s:g} s. Received: none in time; the request was dropped.")
             except Overloaded:
                 m.failed("overloaded")
                 return error(
@@ -151,12 +185,11 @@ def build_app(state: State) -> Starlette:
                     "Received: one more; retry later.",
                     **{"Retry-After": _RETRY_AFTER_S},
                 )
-            except asyncio.TimeoutError:
-                m.failed("timeout")
-                return error(504, f"Expected an answer within timeout_s={options.timeout_s:g} s. Received: none in time; the request was dropped.")
             except Exception as exc:  # noqa: BLE001 - the model failed on this batch: say so, keep serving
                 m.failed("error")
                 return error(500, f"The model failed on this request's batch: {type(exc).__name__}: {exc}")
+            finally:
+                timer.cancel()
             body, headers = encode(served.view, parsed, outputs)
             m.success.inc()
             return Response(body, 200, headers=headers)

@@ -7,7 +7,8 @@
 Everything but the model call runs on the server's event loop, so the queue needs no lock; each
 lane (one for an in-process engine, two per worker for a fleet) forms a batch, hands it to a
 thread and awaits it, and while it runs the requests that arrive wait in the queue: the next
-batch forms while the current one runs.
+batch forms while the current one runs. A batch the executor measured as quicker than that
+hop (`inline_rows`: in-process, under `execution._INLINE_S` at warm-up) runs on the loop itself.
 
 When to close a batch. Waiting for more rows costs latency, not waiting costs batch size. A
 batch closes when it is full (`max_batch_size` rows), when its oldest request has waited
@@ -43,6 +44,7 @@ class Executor(Protocol):
     description: str
     outputs: Outputs
     lanes: int  # batches it runs at once
+    inline_rows: int  # batches of at most this many rows run on the event loop (0: never)
 
     def run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         """Inputs in the signature's order (any rows) -> outputs in `outputs.specs` order."""
@@ -173,7 +175,10 @@ class Batcher:
                     self._on_queued(started - p.arrived)
             self.running += len(batch)
             try:
-                outputs = await loop.run_in_executor(self._pool, self.executor.run, arrays)
+                if int(arrays[0].shape[0]) <= self.executor.inline_rows:
+                    outputs = self.executor.run(arrays)  # quicker than the hop to a thread and back
+                else:
+                    outputs = await loop.run_in_executor(self._pool, self.executor.run, arrays)
             except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
                 for p in batch:
                     if not p.future.done():
