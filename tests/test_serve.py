@@ -505,3 +505,17 @@ def test_cli_refuses_a_bad_model_path_with_exit_1(tmp_path):
     )
     assert out.returncode == 1
     assert "Expected an existing model file" in out.stderr
+
+
+def test_blocking_serve_in_a_running_event_loop_points_to_server(tmp_path):
+    """A notebook cell runs inside an event loop: serve() says to use Server().start() instead."""
+    import kerasfleet
+    from kerasfleet import InputError
+
+    (tmp_path / "m.keras").write_bytes(b"")
+
+    async def cell():
+        kerasfleet.serve(str(tmp_path / "m.keras"), port=0)
+
+    with pytest.raises(InputError, match=r"Server\(models, \.\.\.\)\.start\(\)"):
+        asyncio.run(cell())

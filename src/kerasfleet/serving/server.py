@@ -97,6 +97,16 @@ class Server:
 
     def serve_forever(self) -> None:
         """Serve in this thread until SIGTERM/SIGINT (or `stop()` from another thread)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no loop running in this thread: as it should be
+        else:
+            raise InputError(
+                "Expected to serve from a thread without a running event loop. Received: a running loop "
+                "(a notebook, or async code). Use server = kerasfleet.Server(models, ...).start() there; "
+                "it serves in a background thread until server.stop()."
+            )
         sock = self._prepare()
         self._run(sock)
         if self._error is not None:
