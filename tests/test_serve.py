@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -47,13 +48,18 @@ class CliServer:
         )
         deadline = time.monotonic() + ready_timeout
         self.url = None
+        self.seen_loading = False  # live 200 while ready 503: models loading
         while time.monotonic() < deadline:
             text = self.text()
             found = re.search(r"listening on (http://[\d.]+:\d+)", text)
             if found and self.url is None:
                 self.url = found.group(1)
-            if self.url and get(self.url + "/v2/health/ready")[0] == 200:
-                return
+            if self.url:
+                ready = get(self.url + "/v2/health/ready")[0]
+                if ready == 200:
+                    return
+                if ready == 503 and get(self.url + "/v2/health/live")[0] == 200:
+                    self.seen_loading = True
             if self.proc.poll() is not None:
                 break
             time.sleep(0.2)
@@ -138,6 +144,7 @@ def input_names(url, model):
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
 def test_tritonclient_parity(zoo_server, model, binary):
     server, folder, _ = zoo_server
+    assert server.seen_loading  # live before ready: /v2/health/ready said 503 while warming up
     x, y = load_x(folder, model), load_y(folder, model)
     meta = input_names(server.url, model)
     client = triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=60)
@@ -235,7 +242,7 @@ def local_server(zoo):
 
     folder = zoo("jax")
     server = kerasfleet.Server(
-        {"mlp": folder / "mlp.keras", "multi_input": folder / "multi_input.keras"},
+        {"mlp": folder / "mlp.keras", "multi_input": folder / "multi_input.keras", "embedding": folder / "embedding.keras"},
         port=0,
         engine="onnx",
         execution="in-process",
@@ -246,19 +253,27 @@ def local_server(zoo):
     with server:
         yield server, folder
     assert server.state.ready is False  # drained
+    # Nothing of the server is left running in this process: its threads are gone.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and [t for t in threading.enumerate() if t.name.startswith("kerasfleet-")]:
+        time.sleep(0.1)
+    assert [t.name for t in threading.enumerate() if t.name.startswith(("kerasfleet-serve", "kerasfleet-batch"))] == []
 
 
 AUTH = {"Authorization": "Bearer s3cret"}
 V2 = "/v2/models/mlp/infer"
 
 
-def v2_body(data, shape=(1, 32), name="features", datatype="FP32"):
-    return json.dumps({"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}]}).encode()
+def v2_body(data, shape=(1, 32), name="features", datatype="FP32", outputs=None):
+    request = {"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}]}
+    if outputs is not None:
+        request["outputs"] = outputs
+    return json.dumps(request).encode()
 
 
-def binary_body(declared, sent):
+def binary_body(declared, sent, shape=(1, 32)):
     header = json.dumps(
-        {"inputs": [{"name": "features", "shape": [1, 32], "datatype": "FP32", "parameters": {"binary_data_size": declared}}]}
+        {"inputs": [{"name": "features", "shape": list(shape), "datatype": "FP32", "parameters": {"binary_data_size": declared}}]}
     ).encode()
     return header + b"\0" * sent, {"Inference-Header-Content-Length": str(len(header))}
 
@@ -283,6 +298,18 @@ BAD_INPUTS = {
     "binary size mismatch": ("POST", V2, *binary_body(100, 128), 400, "Expected binary_data_size 128"),
     "binary bytes missing": ("POST", V2, *binary_body(128, 64), 400, "Expected 128 bytes of binary data"),
     "header length past the body": ("POST", V2, b"{}", {"Inference-Header-Content-Length": "99"}, 400, "Inference-Header-Content-Length"),
+    "huge shape": ("POST", V2, v2_body([], shape=(2**32, 2**32)), {}, 400, "Expected 18446744073709551616 values"),
+    "huge binary shape": ("POST", V2, *binary_body(0, 0, shape=[2**62, 4]), 400, "Expected binary_data_size"),
+    "booleans for floats": ("POST", V2, v2_body([True] * 32), {}, 400, "Expected numeric values"),
+    "null data": ("POST", V2, v2_body(None), {}, 400, "Expected numbers"),
+    "objects as data": ("POST", V2, v2_body([{"a": 1}] * 32), {}, 400, "Expected numbers"),
+    "beyond FP32": ("POST", V2, v2_body([1e39] * 32), {}, 400, "beyond its range"),
+    "beyond INT32": ("POST", "/v2/models/embedding/infer", v2_body([3e9] * 8, shape=(1, 8), name="tokens", datatype="INT32"), {}, 400, "Expected values in [-2147483648, 2147483647]"),
+    "fraction for INT32": ("POST", "/v1/models/embedding:predict", b'{"instances": [[1, 2, 3, 4, 5, 6, 7, 8.5]]}', {}, 400, "Expected integers"),
+    "unknown output": ("POST", V2, v2_body(ROW, outputs=[{"name": "nope"}]), {}, 400, "Expected output names ['output_0']"),
+    "classification asked": ("POST", V2, v2_body(ROW, outputs=[{"name": "output_0", "parameters": {"classification": 3}}]), {}, 400, "no classification"),
+    "unknown route": ("GET", "/v3/models", None, {}, 404, "Expected a route"),
+    "wrong method": ("GET", V2, None, {}, 405, "Received: GET"),
     "zip bomb": ("POST", V2, gzip.compress(b" " * 200_000), {"Content-Encoding": "gzip"}, 413, "once decompressed"),
     "unknown encoding": ("POST", V2, v2_body(ROW), {"Content-Encoding": "br"}, 415, "Expected Content-Encoding gzip"),
     "missing token": ("POST", V2, v2_body(ROW), {"Authorization": None}, 401, "Bearer"),
@@ -302,7 +329,7 @@ def test_bad_input_is_refused_clearly(local_server, case):
     assert got == status, answer
     error = json.loads(answer)["error"]
     assert message in error, error
-    if status == 400:
+    if status in (400, 404, 405, 413, 415):
         assert "Expected" in error and "Received" in error
     # The server is alive and answers a good request right after.
     got, answer, _ = request("POST", server.url + V2, v2_body(ROW), AUTH)
@@ -318,6 +345,61 @@ def test_tritonclient_compressed_requests(local_server, compression):
     t.set_data_from_numpy(x[:3], binary_data=True)
     result = client.infer("mlp", [t], headers=dict(AUTH), request_compression_algorithm=compression)  # it adds to the dict
     close(result.as_numpy("output_0"), y[:3])
+
+
+def test_integer_inputs_all_outputs_in_binary_and_request_id(local_server):
+    """INT32 inputs (JSON and binary), tritonclient's default of every output in binary
+    (`binary_data_output`), the request id echoed, a lower-case bearer scheme."""
+    server, folder = local_server
+    x, y = load_x(folder, "embedding"), load_y(folder, "embedding")["output_0"]
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=60)
+    for binary in (False, True):
+        t = triton.InferInput("tokens", [4, 8], "INT32")
+        t.set_data_from_numpy(x[:4], binary_data=binary)
+        result = client.infer("embedding", [t], headers={"Authorization": "bearer s3cret"}, request_id=f"req-{binary}")
+        close(result.as_numpy("output_0"), y[:4])
+        assert result.get_response()["id"] == f"req-{binary}"
+        assert result.get_output("output_0")["parameters"]["binary_data_size"] == 4 * 2 * 4
+    status, body, _ = post_json(server.url + "/v1/models/embedding:predict", {"instances": x[:3].tolist()}, headers=AUTH)
+    assert status == 200
+    close(json.loads(body)["predictions"], y[:3])
+
+
+def test_bad_requests_do_not_disturb_good_traffic(local_server):
+    """Good clients keep getting right answers while bad requests of every kind arrive."""
+    server, folder = local_server
+    x, y = load_x(folder, "mlp"), load_y(folder, "mlp")["output_0"]
+    url = server.url + "/v1/models/mlp:predict"
+
+    async def good(session, k, wrong):
+        for i in range(k * 30, k * 30 + 30):
+            async with session.post(url, data=json.dumps({"instances": x[i : i + 1].tolist()}), headers=AUTH) as r:
+                got = (await r.json(content_type=None)).get("predictions")
+            try:
+                assert r.status == 200
+                close(got, y[i : i + 1])
+            except AssertionError:
+                wrong.append(i)
+
+    async def bad(session, statuses):
+        for _ in range(3):
+            for method, path, body, extra, expected, _ in BAD_INPUTS.values():
+                headers = {**AUTH, **{k: v for k, v in extra.items() if v is not None}}
+                if extra.get("Authorization", "") is None:
+                    headers.pop("Authorization")
+                async with session.request(method, server.url + path, data=body, headers=headers) as r:
+                    await r.read()
+                    statuses.append((r.status, expected))
+
+    async def main():
+        wrong, statuses = [], []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)) as s:
+            await asyncio.gather(*(good(s, k, wrong) for k in range(8)), bad(s, statuses))
+        return wrong, statuses
+
+    wrong, statuses = asyncio.run(main())
+    assert wrong == []
+    assert len(statuses) == 3 * len(BAD_INPUTS) and all(got == expected for got, expected in statuses), statuses
 
 
 def test_health_needs_no_token_but_the_rest_does(local_server):
@@ -377,15 +459,24 @@ def _busy_body(rows):
     return json.dumps({"instances": np.zeros((rows, 256), np.float32).tolist()}).encode()
 
 
+def _busy_binary(rows):
+    """A KServe V2 binary request: no JSON to parse, so it reaches the queue at once."""
+    header = json.dumps(
+        {"inputs": [{"name": "x", "shape": [rows, 256], "datatype": "FP32", "parameters": {"binary_data_size": rows * 1024}}]}
+    ).encode()
+    return header + np.zeros((rows, 256), np.float32).tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
 async def _post_many(url, bodies, timeout=120):
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=timeout)
     ) as session:
 
         async def one(body, delay):
+            body, headers = body if isinstance(body, tuple) else (body, {})
             await asyncio.sleep(delay)
             started = time.perf_counter()
-            async with session.post(url, data=body) as r:
+            async with session.post(url, data=body, headers=headers) as r:
                 return r.status, await r.read(), time.perf_counter() - started
 
         return await asyncio.gather(*(one(b, d) for b, d in bodies))
@@ -419,11 +510,11 @@ def test_timeout_answers_504_and_drops_unrun_rows(slow_model):
     import kerasfleet
 
     with kerasfleet.Server(slow_model, port=0, engine="keras", execution="in-process", max_batch_size=4, timeout_s=0.5) as server:
-        url = server.url + "/v1/models/slow:predict"
+        url = server.url + "/v2/models/slow/infer"
         before = metric(server.url, "nv_inference_count", "slow")
         # The long request runs past its timeout (504, its rows were run); the short one
         # behind it times out while queued: its rows never run.
-        results = asyncio.run(_post_many(url, [(_busy_body(8000), 0), (_busy_body(3), 0.2)]))
+        results = asyncio.run(_post_many(url, [(_busy_binary(8000), 0), (_busy_binary(3), 0.2)]))
         assert [r[0] for r in results] == [504, 504], results
         assert "timeout_s=0.5" in json.loads(results[1][1])["error"]
         deadline = time.monotonic() + 60
@@ -431,8 +522,10 @@ def test_timeout_answers_504_and_drops_unrun_rows(slow_model):
             time.sleep(0.2)
         time.sleep(0.5)
         assert metric(server.url, "nv_inference_count", "slow") - before == 8000  # not 8003
-        status, _, _ = request("POST", url, _busy_body(1))
+        status, _, _ = request("POST", url, *_busy_binary(1))
         assert status == 200
+        # Warm-up compiled every bucket: requests of any size never retraced.
+        assert server.state.models["slow"].batcher.executor.predictor.stats()["retraces"] == 0
 
 
 def test_sigterm_drains_requests_in_flight_then_exits_0(slow_model):

@@ -36,12 +36,13 @@ from starlette.routing import Route
 
 from .. import __version__
 from . import kserve, tfserving
-from .batcher import Batcher, Clients, Overloaded
+from .batcher import Batcher, Clients, Overloaded, ShuttingDown
 from .metrics import CONTENT_TYPE, Metrics, ModelMetrics
 from .options import ModelSpec, ServeOptions
 from .tensors import BadRequest, ModelView
 
 _RETRY_AFTER_S = "1"
+_PARSE_INLINE_BYTES = 256 << 10  # larger bodies are parsed in a thread
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}  # what tritonclient may send
 
 
@@ -68,12 +69,12 @@ class State:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(m.batcher is not None for m in self.models.values())
+        return not self.draining and all(m.batcher is not None and m.batcher.broken is None for m in self.models.values())
 
 
 def build_app(state: State) -> Starlette:
     options = state.options
-    token = f"Bearer {options.token}".encode() if options.token else None
+    token = options.token.encode() if options.token else None
 
     def error(status: int, message: str, **headers: str) -> Response:
         return Response(orjson.dumps({"error": message}), status, headers=headers or None, media_type="application/json")
@@ -81,8 +82,8 @@ def build_app(state: State) -> Starlette:
     def authorized(request: Request) -> bool:
         if token is None:
             return True
-        given = request.headers.get("authorization", "").encode()
-        return hmac.compare_digest(given, token)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
 
     def denied() -> Response:
         return error(
@@ -130,7 +131,17 @@ def build_app(state: State) -> Starlette:
             raise BadRequest(f"Expected a valid {encoding} body. Received: {exc}.") from None
         if len(plain) > limit or decoder.unconsumed_tail:
             raise BadRequest(f"Expected a body of at most {options.max_body_mb:g} MB (max_body_mb) once decompressed. Received: more.", 413)
+        if not decoder.eof or decoder.unused_data:
+            raise BadRequest(f"Expected one whole {encoding} stream as the body. Received: a truncated stream or bytes after it.")
         return plain
+
+    async def parsed_body(request: Request, parse: Callable[[bytes, ModelView], Any], view: ModelView) -> Any:
+        body = await read_body(request)
+        if len(body) <= _PARSE_INLINE_BYTES:
+            return parse(body, view)
+        # Parsing megabytes of JSON takes the loop for a quarter second or more: in a thread,
+        # other clients' requests go on meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(None, parse, body, view)
 
     async def predict(
         request: Request,
@@ -146,56 +157,68 @@ def build_app(state: State) -> Starlette:
         if isinstance(served, Response):
             return served
         m = served.metrics
-        if served.batcher is None or served.view is None or state.draining:
+        batcher, view = served.batcher, served.view
+        if batcher is None or view is None or state.draining or batcher.broken is not None:
             m.failed("unavailable")
-            what = "shutting down" if state.draining else "loading"
-            return error(503, f"Expected a ready model. Received: a request while the server is {what}.", **{"Retry-After": _RETRY_AFTER_S})
+            if batcher is not None and batcher.broken is not None:
+                what = f"model {served.spec.name!r} is broken ({batcher.broken})"
+            else:
+                what = "the server is shutting down" if state.draining else f"model {served.spec.name!r} is loading"
+            return error(503, f"Expected a ready model. Received: a request while {what}.", **{"Retry-After": _RETRY_AFTER_S})
+        if batcher.depth >= options.max_queue:  # before reading the body: refused at once
+            m.failed("overloaded")
+            return overloaded(served)
         m.in_flight.inc()
+        # The deadline covers reading, parsing, waiting and running: a timer cancels this
+        # task (cheaper than wait_for's extra task); a cancelled request's future tells the
+        # batcher to leave its rows out.
+        task = asyncio.current_task()
+        assert task is not None
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(options.timeout_s, expire)
         try:
-            try:
-                parsed = parse(await read_body(request), served.view)
-            except BadRequest as exc:
-                m.failed("bad_request")
-                return error(exc.status, str(exc))
-            # A timer cancels this task at the deadline (cheaper than wait_for's extra task);
-            # the cancelled future tells the batcher to leave the rows out.
-            task = asyncio.current_task()
-            assert task is not None
-            expired: list[bool] = []
-
-            def expire() -> None:
-                expired.append(True)
-                task.cancel()
-
-            timer = asyncio.get_running_loop().call_later(options.timeout_s, expire)
-            try:
-                outputs = await served.batcher.submit(arrays_of(parsed), request.scope.get("client"))
-            except asyncio.CancelledError:
-                if not expired:
-                    raise  # the server is stopping this task, not the timeout
-                if hasattr(task, "uncancel"):  # Python 3.11+: the task goes on, not cancelled
-                    task.uncancel()
-                m.failed("timeout")
-                return error(504, f"Expected an answer within timeout_s={options.timeout_s:g} s. Received: none in time; the request was dropped.")
-            except Overloaded:
-                m.failed("overloaded")
-                return error(
-                    503,
-                    f"Expected at most max_queue={options.max_queue} requests waiting for model {served.spec.name!r}. "
-                    "Received: one more; retry later.",
-                    **{"Retry-After": _RETRY_AFTER_S},
-                )
-            except Exception as exc:  # noqa: BLE001 - the model failed on this batch: say so, keep serving
-                m.failed("error")
-                return error(500, f"The model failed on this request's batch: {type(exc).__name__}: {exc}")
-            finally:
-                timer.cancel()
-            body, headers = encode(served.view, parsed, outputs)
+            parsed = await parsed_body(request, parse, view)
+            outputs = await batcher.submit(arrays_of(parsed), request.scope.get("client"))
+            timer.cancel()
+            body, headers = encode(view, parsed, outputs)
             m.success.inc()
             return Response(body, 200, headers=headers)
+        except asyncio.CancelledError:
+            if not expired:
+                raise  # the server is stopping this task, not the timeout
+            if hasattr(task, "uncancel"):  # Python 3.11+: the task goes on, not cancelled
+                task.uncancel()
+            m.failed("timeout")
+            return error(504, f"Expected an answer within timeout_s={options.timeout_s:g} s. Received: none in time; the request was dropped.")
+        except BadRequest as exc:
+            m.failed("bad_request")
+            return error(exc.status, str(exc))
+        except Overloaded:
+            m.failed("overloaded")
+            return overloaded(served)
+        except ShuttingDown:
+            m.failed("unavailable")
+            return error(503, "Expected a running server. Received: a request queued while it shut down.", **{"Retry-After": _RETRY_AFTER_S})
+        except Exception as exc:  # noqa: BLE001 - the model failed on this batch: say so, keep serving
+            m.failed("error")
+            return error(500, f"The model failed on this request's batch: {type(exc).__name__}: {exc}")
         finally:
+            timer.cancel()
             m.in_flight.dec()
             m.request_us.inc((time.perf_counter() - started) * 1e6)
+
+    def overloaded(served: Served) -> Response:
+        return error(
+            503,
+            f"Expected at most max_queue={options.max_queue} requests waiting for model {served.spec.name!r}. "
+            "Received: one more; retry later.",
+            **{"Retry-After": _RETRY_AFTER_S},
+        )
 
     async def v2_infer(request: Request) -> Response:
         header_length = request.headers.get(kserve.HEADER_LENGTH)
@@ -241,7 +264,7 @@ def build_app(state: State) -> Starlette:
         served = find(request)
         if isinstance(served, Response):
             return served
-        is_ready = served.batcher is not None and not state.draining
+        is_ready = served.batcher is not None and served.batcher.broken is None and not state.draining
         return json({"name": served.spec.name, "ready": is_ready}, 200 if is_ready else 503)
 
     async def v1_status(request: Request) -> Response:
@@ -283,4 +306,10 @@ def build_app(state: State) -> Starlette:
         Route("/v1/models/{name}/versions/{version}:predict", v1_predict, methods=["POST"]),
         Route("/metrics", metrics),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        if status == 405:
+            return error(405, f"Expected another method for {request.url.path}. Received: {request.method}.")
+        return error(status, f"Expected a route of the KServe V2 or TF Serving REST API (see GET /v2). Received: {request.url.path}.")
+
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: http_error, 405: http_error})

@@ -13,11 +13,12 @@ hop (`inline_rows`: in-process, under `execution._INLINE_S` at warm-up) runs on 
 When to close a batch. Waiting for more rows costs latency, not waiting costs batch size. A
 batch closes when it is full (`max_batch_size` rows), when its oldest request has waited
 `max_delay_ms`, or as soon as no more requests can be expected: every client connection seen
-in the last second already has its request queued or running. With HTTP/1.1 a connection sends
-its next request only after its answer, so one client alone never waits for a batch (its
-request runs at once), while 64 clients are merged into batches of up to 64. A client that
-went away counts as "may send" for one second (`_CLIENT_WINDOW_S`), costing at most
-`max_delay_ms` per batch in that second.
+in the last `_CLIENT_WINDOW_S` already has its request queued or running. With HTTP/1.1 a
+connection sends its next request only after its answer, so one keep-alive client alone never
+waits for a batch (its request runs at once), while 64 clients are merged into batches of up
+to 64. A connection that went away (curl, or `requests.post` without a session, open one per
+request) still counts as "may send" for that window: a request arriving within 0.25 s of
+another client's may wait up to `max_delay_ms` for it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..engines import Outputs
+from ..errors import FleetClosedError
 
-_CLIENT_WINDOW_S = 1.0
+_CLIENT_WINDOW_S = 0.25  # longer than a busy client's turnaround (25 ms at 64 clients x 32 rows)
 _PRUNE_EVERY_S = 0.05
 
 
@@ -56,6 +58,10 @@ class Overloaded(Exception):
     """The model's queue is full."""
 
 
+class ShuttingDown(Exception):
+    """The server stopped before this request's batch ran."""
+
+
 @dataclass(eq=False)
 class _Pending:
     arrays: list[np.ndarray[Any, Any]]
@@ -63,6 +69,7 @@ class _Pending:
     future: asyncio.Future[list[np.ndarray[Any, Any]]]
     client: Hashable
     arrived: float = field(default_factory=time.perf_counter)
+    waiting: bool = True  # counted in the batcher's depth and queued rows
 
 
 class Clients:
@@ -121,7 +128,9 @@ class Batcher:
         self._on_batch = on_batch
         self._on_queued = on_queued
         self._queue: deque[_Pending] = deque()
-        self._queued_rows = 0
+        self._queued_rows = 0  # rows of the requests still waiting (abandoned ones left out)
+        self._waiting = 0
+        self.broken: BaseException | None = None  # set when the executor can run nothing more
         self._wake = asyncio.Event()
         self._forming = asyncio.Lock()
         self._pool = ThreadPoolExecutor(max_workers=executor.lanes, thread_name_prefix="kerasfleet-batch")
@@ -130,8 +139,15 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Requests waiting for a batch."""
-        return len(self._queue)
+        """Requests waiting for a batch (abandoned ones not counted)."""
+        return self._waiting
+
+    def _leave(self, pending: _Pending) -> None:
+        """`pending` no longer waits: taken into a batch, or abandoned (timed out)."""
+        if pending.waiting:
+            pending.waiting = False
+            self._waiting -= 1
+            self._queued_rows -= pending.rows
 
     async def submit(self, arrays: list[np.ndarray[Any, Any]], client: Hashable) -> list[np.ndarray[Any, Any]]:
         """Queue one request's rows; its outputs once its batch has run.
@@ -139,12 +155,14 @@ class Batcher:
         Raises `Overloaded` at once when the queue is full. Cancelling the awaiting task (a
         timeout) takes the rows out of any batch not yet formed.
         """
-        if len(self._queue) >= self.max_queue:
+        if self._waiting >= self.max_queue:
             raise Overloaded
         future: asyncio.Future[list[np.ndarray[Any, Any]]] = asyncio.get_running_loop().create_future()
         pending = _Pending(arrays, int(arrays[0].shape[0]), future, client)
+        future.add_done_callback(lambda _: self._leave(pending))
         self._queue.append(pending)
         self._queued_rows += pending.rows
+        self._waiting += 1
         self._clients.arrived(client)
         self._wake.set()
         try:
@@ -153,46 +171,53 @@ class Batcher:
             self._clients.answered(client)
 
     async def close(self) -> None:
-        """Stop the lanes (after the queue drained) and the threads."""
+        """Stop the lanes (the server drained first), fail what still waits, stop the threads."""
         for lane in self._lanes:
             lane.cancel()
         await asyncio.gather(*self._lanes, return_exceptions=True)
         for pending in self._queue:
             if not pending.future.done():
-                pending.future.set_exception(RuntimeError("The server is shutting down."))
-        self._pool.shutdown(wait=True)
+                pending.future.set_exception(ShuttingDown())
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown)
 
     # -- lanes -------------------------------------------------------------------------------
     async def _lane(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             async with self._forming:
                 batch = await self._form()
-            arrays = _merge(batch)
-            started = time.perf_counter()
-            for p in batch:
-                if self._on_queued is not None:
-                    self._on_queued(started - p.arrived)
-            self.running += len(batch)
             try:
-                if int(arrays[0].shape[0]) <= self.executor.inline_rows:
-                    outputs = self.executor.run(arrays)  # quicker than the hop to a thread and back
-                else:
-                    outputs = await loop.run_in_executor(self._pool, self.executor.run, arrays)
-            except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            finally:
-                self.running -= len(batch)
-            if self._on_batch is not None:
-                self._on_batch(int(arrays[0].shape[0]), time.perf_counter() - started)
-            lo = 0
+                await self._run(batch)
+            except asyncio.CancelledError:
+                _fail(batch, ShuttingDown())
+                raise
+            except BaseException as exc:  # noqa: BLE001 - a lane never dies: the batch fails, the lane goes on
+                _fail(batch, exc)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        arrays = _merge(batch)
+        rows = int(arrays[0].shape[0])
+        started = time.perf_counter()
+        if self._on_queued is not None:
             for p in batch:
-                if not p.future.done():
-                    p.future.set_result([o[lo : lo + p.rows] for o in outputs])
-                lo += p.rows
+                self._on_queued(started - p.arrived)
+        self.running += len(batch)
+        try:
+            if rows <= self.executor.inline_rows:
+                outputs = self.executor.run(arrays)  # quicker than the hop to a thread and back
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(self._pool, self.executor.run, arrays)
+        except FleetClosedError as exc:
+            self.broken = exc  # its workers cannot start: nothing will run any more
+            raise
+        finally:
+            self.running -= len(batch)
+        if self._on_batch is not None:
+            self._on_batch(rows, time.perf_counter() - started)
+        lo = 0
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result([o[lo : lo + p.rows] for o in outputs])
+            lo += p.rows
 
     async def _form(self) -> list[_Pending]:
         """Wait for a batch to be worth running (see the module docstring); take it off the queue."""
@@ -212,30 +237,34 @@ class Batcher:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except asyncio.TimeoutError:
                 break
-            self._drop_abandoned()
-            if not self._queue:  # every waiting request timed out meanwhile
-                return await self._form()
         batch: list[_Pending] = []
         rows = 0
         while self._queue:
             head = self._queue[0]
             if head.future.done():  # abandoned while waiting: its rows are not run
                 self._queue.popleft()
-                self._queued_rows -= head.rows
                 continue
             if batch and rows + head.rows > self.max_batch_size:
                 break
             self._queue.popleft()
-            self._queued_rows -= head.rows
+            self._leave(head)
             batch.append(head)
             rows += head.rows
-        if not batch:
+        if not batch:  # every waiting request timed out meanwhile
             return await self._form()
         return batch
 
     def _drop_abandoned(self) -> None:
         while self._queue and self._queue[0].future.done():
-            self._queued_rows -= self._queue.popleft().rows
+            self._queue.popleft()
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    if not isinstance(exc, Exception) or isinstance(exc, StopIteration):  # what a future refuses to hold
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    for p in batch:
+        if not p.future.done():
+            p.future.set_exception(exc)
 
 
 def _merge(batch: list[_Pending]) -> list[np.ndarray[Any, Any]]:

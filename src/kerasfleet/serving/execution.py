@@ -72,7 +72,9 @@ class InProcess:
         return self.predictor.predict_arrays(arrays)
 
     def close(self) -> None:
-        pass
+        # The engine (an ONNX Runtime session and its threads, or compiled functions) is freed
+        # with the last reference; a call after close fails clearly.
+        self.predictor = None  # type: ignore[assignment]
 
 
 def _quick_rows(executor: InProcess, max_batch_size: int) -> int:
@@ -167,11 +169,12 @@ def build_executor(spec: ModelSpec, options: ServeOptions, log: Callable[[str], 
     path = _choice_path(spec, options)
     try:
         remembered = json.loads(path.read_text())
-    except (OSError, ValueError):
-        remembered = None
-    if remembered is not None:
-        ex = OnFleet(spec, options) if remembered["execution"] == "fleet" else InProcess(spec, options)
-        return Choice(ex, ex.signature, ex.engine, f"{remembered['note']}; remembered from {path}")
+        execution, why = remembered["execution"], remembered["note"]
+    except (OSError, ValueError, KeyError, TypeError):
+        execution = None  # none yet, or unreadable: measured again
+    if execution in ("fleet", "in-process"):
+        ex = OnFleet(spec, options) if execution == "fleet" else InProcess(spec, options)
+        return Choice(ex, ex.signature, ex.engine, f"{why}; remembered from {path}")
     with locked(path):
         log(f"{spec.name}: measuring in-process and fleet execution on {options.max_batch_size}-row batches (once per model and machine)")
         inproc = InProcess(spec, options)
@@ -179,17 +182,24 @@ def build_executor(spec: ModelSpec, options: ServeOptions, log: Callable[[str], 
         try:
             fleet = OnFleet(spec, options)
         except Exception as exc:  # noqa: BLE001 - the in-process engine still serves
-            note = f"in-process {in_rate:,.0f} rows/s; a fleet did not start ({type(exc).__name__}: {exc})"
+            note = f"in-process chosen: a fleet did not start ({type(exc).__name__}: {exc})"
             return Choice(inproc, inproc.signature, inproc.engine, note)
-        fleet_rate = _rows_per_s(fleet, options.max_batch_size)
+        try:
+            fleet_rate = _rows_per_s(fleet, options.max_batch_size)
+        except BaseException:
+            fleet.close()
+            raise
         use_fleet = fleet_rate >= _FLEET_MARGIN * in_rate
         note = (
             f"measured on {options.max_batch_size}-row batches: in-process {inproc.engine} {in_rate:,.0f} rows/s, "
             f"{fleet.description} {fleet_rate:,.0f} rows/s"
         )
-        write_atomic(path, json.dumps({"execution": "fleet" if use_fleet else "in-process", "note": note}).encode())
         (inproc if use_fleet else fleet).close()
-        chosen = fleet if use_fleet else inproc
+        chosen: InProcess | OnFleet = fleet if use_fleet else inproc
+        try:
+            write_atomic(path, json.dumps({"execution": "fleet" if use_fleet else "in-process", "note": note}).encode())
+        except OSError as exc:  # a read-only cache: measured again at the next start
+            log(f"{spec.name}: the choice is not remembered ({exc})")
         return Choice(chosen, chosen.signature, chosen.engine, note)
 
 

@@ -13,6 +13,7 @@ what `tritonclient.http` sends when no outputs are named); then the answer carri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +98,7 @@ def _from_binary(
 ) -> np.ndarray[Any, Any]:
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise BadRequest(f"Expected binary_data_size of input {name!r} as a non-negative int. Received: {size!r}.")
-    want = int(np.prod(shape)) * dtype.itemsize
+    want = math.prod(shape) * dtype.itemsize
     if size != want:
         raise BadRequest(
             f"Expected binary_data_size {want} for input {name!r} (shape {shape}, {dtype.itemsize} bytes each). Received: {size}."
@@ -111,7 +112,7 @@ def _from_binary(
 
 def _requested_outputs(request: dict[str, Any], model: ModelView) -> list[tuple[int, bool]]:
     params = request.get("parameters")
-    all_binary = bool(params.get("binary_data_output")) if isinstance(params, dict) else False
+    all_binary = params.get("binary_data_output") is True if isinstance(params, dict) else False
     asked = request.get("outputs")
     if asked is None:
         return [(i, all_binary) for i in range(len(model.outputs))]
@@ -121,9 +122,14 @@ def _requested_outputs(request: dict[str, Any], model: ModelView) -> list[tuple[
     for item in asked:
         if not isinstance(item, dict):
             raise BadRequest(f'Expected each of "outputs" to be an object with a name. Received: {_kind(item)}.')
-        p = item.get("parameters")
-        binary = bool(p.get("binary_data", all_binary)) if isinstance(p, dict) else all_binary
-        chosen.append((model.output_index(item.get("name")), binary))
+        index = model.output_index(item.get("name"))
+        p = item.get("parameters") or {}
+        if not isinstance(p, dict) or set(p) - {"binary_data"} or not isinstance(p.get("binary_data", False), bool):
+            raise BadRequest(
+                f'Expected output parameters {{"binary_data": true|false}} only (no classification). Received: {_kind(p)} '
+                f"for output {model.outputs[index].name!r}."
+            )
+        chosen.append((index, p.get("binary_data", all_binary)))
     return chosen
 
 

@@ -3,7 +3,7 @@
 | metric | type | meaning |
 | --- | --- | --- |
 | `nv_inference_request_success` | counter | requests answered 200 |
-| `nv_inference_request_failure` | counter | requests answered with an error, by `reason` (bad_request, overloaded, timeout, error) |
+| `nv_inference_request_failure` | counter | requests answered with an error, by `reason` (bad_request, overloaded, timeout, unavailable, error) |
 | `nv_inference_count` | counter | rows inferred (Triton: "inferences", one per batch element) |
 | `nv_inference_exec_count` | counter | batches executed; mean batch size = `nv_inference_count / nv_inference_exec_count` |
 | `nv_inference_request_duration_us` | counter | cumulative request time, arrival to answer (us) |

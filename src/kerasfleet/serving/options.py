@@ -7,8 +7,8 @@
 | `max_batch_size` | `64` | rows per merged batch; buckets 1, 2, 4, ... up to it are warmed before ready |
 | `max_delay_ms` | `2.0` | longest a request waits for others to join its batch |
 | `max_queue` | `256` | requests waiting per model; past it, 503 with `Retry-After` at once |
-| `timeout_s` | `30.0` | per request; past it, 504 and its rows leave the batch if not yet run |
-| `max_body_mb` | `64.0` | request bodies larger than this get 413 before they are read |
+| `timeout_s` | `30.0` | per request, from its start; past it, 504 and its rows leave the batch if not yet run |
+| `max_body_mb` | `64.0` | request bodies larger than this (also once gzip/deflate-decoded) get 413, before they are read when Content-Length says so |
 | `token` | `None` | when set, every route but the health checks needs `Authorization: Bearer <token>` |
 | `grace_s` | `30.0` | on SIGTERM/SIGINT or `stop()`: how long in-flight requests may take to finish |
 | `engine` | `"auto"` | `auto`, `keras` or `onnx`, as for `predict` |

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import signal
 import socket
 import sys
@@ -71,14 +72,15 @@ class Server:
         self._error: BaseException | None = None
         self._port = 0
         self.state: State | None = None
+        self._loader = _Loader(None, self._log, self._loaded)
 
     @property
     def url(self) -> str:
         if self.state is None:
             raise InputError("Expected a started server. Received: Server.url before start().")
         host = self.options.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
-        return f"http://{host}:{self._port}"
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+        return f"http://[{host}]:{self._port}" if ":" in host else f"http://{host}:{self._port}"
 
     def start(self, timeout: float | None = None) -> Server:
         """Serve in a background thread; return once every model is ready (or raise why not)."""
@@ -114,6 +116,8 @@ class Server:
 
     def stop(self) -> None:
         """Stop accepting, let requests in flight finish (grace_s), stop every engine and worker."""
+        if self.state is not None:
+            self.state.draining = True
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -154,6 +158,7 @@ class Server:
             metrics,
         )
         loader = _Loader(self.state, self._log, self._loaded)
+        self._loader = loader
         self.state.on_startup = loader.start
         self.state.on_shutdown = loader.stop
         config = uvicorn.Config(
@@ -163,10 +168,10 @@ class Server:
             lifespan="on",
             log_level=self.options.log_level,
             access_log=False,
-            timeout_graceful_shutdown=int(self.options.grace_s),
+            timeout_graceful_shutdown=math.ceil(self.options.grace_s),
             backlog=4096,
         )
-        self._uvicorn = _Uvicorn(config)
+        self._uvicorn = _Uvicorn(config, self.state)
         self._log(f"listening on {self.url} (models loading: {', '.join(s.name for s in self.specs)})")
         return sock
 
@@ -178,6 +183,9 @@ class Server:
             self._error = self._error or exc
         finally:
             sock.close()
+            # uvicorn skips the app's shutdown on a forced exit (a second Ctrl-C, or stop()
+            # past its grace): the engines and workers are closed here then.
+            self._loader.close_now()
             self._ready.set()
             self._log("stopped")
 
@@ -194,7 +202,7 @@ class Server:
 class _Loader:
     """Loads and warms the models in a thread while the event loop already answers health checks."""
 
-    def __init__(self, state: State, log: Callable[[str], None], done: Callable[[BaseException | None], None]) -> None:
+    def __init__(self, state: State | None, log: Callable[[str], None], done: Callable[[BaseException | None], None]) -> None:
         self.state = state
         self.log = log
         self.done = done
@@ -208,6 +216,7 @@ class _Loader:
         self._thread.start()
 
     def _load_all(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.state is not None
         options = self.state.options
         try:
             for served in self.state.models.values():
@@ -229,6 +238,7 @@ class _Loader:
         self.done(None)
 
     async def _activate(self, served: Served, executor: Executor, view: ModelView) -> None:
+        assert self.state is not None
         options = self.state.options
         m = served.metrics
         batcher = Batcher(
@@ -247,6 +257,7 @@ class _Loader:
 
     async def stop(self) -> None:
         """After the drain: no more loading, batchers stopped, engines and workers closed."""
+        assert self.state is not None
         self.state.draining = True
         self._stopping.set()
         loop = asyncio.get_running_loop()
@@ -255,16 +266,36 @@ class _Loader:
         for served in self.state.models.values():
             if served.batcher is not None:
                 await served.batcher.close()
-        for executor in self.executors:
-            await loop.run_in_executor(None, executor.close)
+        await loop.run_in_executor(None, self.close_now)
+
+    def close_now(self) -> None:
+        """Close every engine and fleet built so far (once; later calls do nothing)."""
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        while self.executors:
+            executor = self.executors.pop()
+            try:
+                executor.close()
+            except Exception as exc:  # noqa: BLE001 - the others are closed all the same
+                self.log(f"closing {executor.description} failed: {type(exc).__name__}: {exc}")
 
 
 class _Uvicorn(uvicorn.Server):
     """uvicorn's server, but a SIGTERM/SIGINT that drained cleanly ends with exit status 0.
 
     uvicorn re-raises the signal after its graceful shutdown (so the process dies of it); a
-    server that stopped as asked has nothing to report.
+    server that stopped as asked has nothing to report. From the signal on, the server is
+    draining: `/v2/health/ready` and new requests on open connections answer 503.
     """
+
+    def __init__(self, config: uvicorn.Config, state: State) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.state.draining = True
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

@@ -6,6 +6,7 @@ a bad request never reaches a batch, so it cannot disturb other clients' request
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,30 +93,44 @@ def from_json(value: Any, tensor: Tensor, shape: tuple[int, ...] | None = None) 
     """A JSON value (nested lists of numbers) -> an array of `tensor`'s dtype, checked.
 
     With `shape` (KServe V2), `value` may be flat or nested and is reshaped to it; without it
-    (TF Serving), `value` is nested rows.
+    (TF Serving), `value` is nested rows. Values the dtype cannot hold are refused, never
+    wrapped or rounded: 300 for an INT8 input, 2.5 for an integer one, 1e39 for FP32,
+    true/false for a number.
     """
     try:
         array = np.asarray(value)
-    except ValueError as exc:  # ragged nesting
+    except (ValueError, OverflowError) as exc:  # ragged nesting
         raise BadRequest(f"Expected input {tensor.describe()} as nested lists of equal lengths. Received: {exc}.") from None
-    if array.dtype.kind not in "biuf" or (array.size == 0 and shape is None):
-        got = "no values" if array.size == 0 else f"values like {array.ravel()[:1].tolist()} ({array.dtype.kind!r} kind)"
-        raise BadRequest(f"Expected numbers for input {tensor.describe()}. Received: {got}.")
     want = tensor.dtype
-    if want.kind in "iu" and array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
-            raise BadRequest(f"Expected integers for input {tensor.describe()}. Received: fractional values.")
-    elif want.kind == "b" and array.dtype.kind != "b":
-        raise BadRequest(f"Expected true/false values for input {tensor.describe()}. Received: {array.dtype.name} values.")
+    if array.dtype.kind not in "biuf" or (array.size == 0 and shape is None):
+        got = "no values" if array.size == 0 else f"values like {str(array.ravel()[:1].tolist())[:40]} ({array.dtype.name})"
+        raise BadRequest(f"Expected numbers for input {tensor.describe()}. Received: {got}.")
+    if (want.kind == "b") != (array.dtype.kind == "b"):
+        got = "true/false values" if array.dtype.kind == "b" else f"{array.dtype.name} values"
+        raise BadRequest(f"Expected {'true/false' if want.kind == 'b' else 'numeric'} values for input {tensor.describe()}. Received: {got}.")
+    if want.kind in "iu":
+        if array.dtype.kind == "f" and (not np.all(np.isfinite(array)) or not np.all(array == np.round(array))):
+            raise BadRequest(f"Expected integers for input {tensor.describe()}. Received: fractional or non-finite values.")
+        if array.size:
+            info = np.iinfo(want)
+            low, high = array.min(), array.max()
+            if low < info.min or high > info.max:
+                raise BadRequest(
+                    f"Expected values in [{info.min}, {info.max}] for input {tensor.describe()}. Received: values in [{low}, {high}]."
+                )
     if shape is not None:
-        if array.size != int(np.prod(shape)):
+        if array.size != math.prod(shape):
             raise BadRequest(
-                f"Expected {int(np.prod(shape))} values for input {tensor.name!r} of shape {list(shape)}. Received: {array.size} values."
+                f"Expected {math.prod(shape)} values for input {tensor.name!r} of shape {list(shape)}. Received: {array.size} values."
             )
         array = array.reshape(shape)
-    array = array.astype(want, copy=False)
-    check_rows(array, tensor)
-    return array
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked just below
+        converted = array.astype(want, copy=False)
+    if want.kind == "f" and array.dtype.kind in "iuf" and array.size:
+        if not np.all(np.isfinite(converted)) and np.all(np.isfinite(array.astype(np.float64))):
+            raise BadRequest(f"Expected values that fit {tensor.datatype} for input {tensor.describe()}. Received: values beyond its range.")
+    check_rows(converted, tensor)
+    return converted
 
 
 def check_rows(array: np.ndarray[Any, Any], tensor: Tensor) -> None:
