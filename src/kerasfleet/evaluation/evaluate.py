@@ -1,0 +1,326 @@
+"""`kerasfleet.evaluate`: what `model.evaluate(x, y, return_dict=True)` returns, over the fleet.
+
+    x, y, sample_weight (arrays, dicts, lists, .npy paths: read a window at a time)
+      │ windows of rows
+      ▼
+    Fleet.imap ─ predictions in the workers, in order, one window ahead ──► y_pred (one window)
+      │                                                                         │
+      │  this process: the model's compiled loss and metrics, and any Keras     │
+      │  metrics given, updated window by window (exact: sums, counts,          │
+      │  confusion matrices - what model.evaluate accumulates batch by batch)   │
+      ▼                                                                         ▼
+    ScorePool ─ NumPy score functions f(y_true, y_pred) -> one score per row, in worker processes
+
+Only one window of predictions is held at a time (two while the next is predicted), so inputs
+on disk larger than memory are evaluated in bounded memory. Per-row scores are kept (one float
+per row and function) and averaged (weighted by `sample_weight` when given).
+
+The loss is exact whatever the windows: Keras averages each batch's loss weighted by its size,
+which is the mean over every row; metrics accumulate sums and counts. One Keras quirk: on
+TensorFlow, `model.evaluate` averages a multi-output model's per-output losses (`<name>_loss`)
+over its batches unweighted (the batch size is unknown inside its graph), so its last, partial
+batch counts as much as a full one; kerasfleet reports the mean over rows (what Keras gives on
+JAX, and on TensorFlow when the rows are a multiple of the batch size). The total loss and
+the metrics are not affected. Values agree with
+`model.evaluate` within float rounding (rtol 1e-5) when the engine computes the predictions as
+Keras does (`engine="keras"`, or ONNX, whose export is checked to rtol 1e-4, atol 1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..prediction import Fleet
+from ..prediction.progress import progress_bar
+from .scoring import Packing, ScorePool
+
+# Rows per window: about this many bytes of inputs and predictions at a time.
+_WINDOW_BYTES = 64 << 20
+_MIN_WINDOW_ROWS = 1024
+
+
+def evaluate(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    batch_size: int | None = None,
+    sample_weight: Any = None,
+    metrics: Any = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    engine: str = "auto",
+    backend: str | None = None,
+    custom_objects: dict[str, Any] | None = None,
+    safe_mode: bool = True,
+    return_scores: bool = False,
+    progress: bool | None = None,
+) -> Any:
+    """Evaluate `model` on (x, y) with every core; returns `model.evaluate(..., return_dict=True)`'s dict.
+
+    | argument | meaning |
+    | --- | --- |
+    | `model` | a `.keras`/`.h5` path or an in-memory `keras.Model`; its compiled loss and metrics are computed |
+    | `x`, `y`, `sample_weight` | what `predict` takes (arrays, lists or dicts of arrays, memmaps, `.npy` paths); `y` as `model.evaluate` takes it |
+    | `metrics` | more metrics: Keras metric names or objects (this process, exact), and plain functions `f(y_true, y_pred) -> one score per row` (NumPy, run in worker processes); a dict {output name: [...]} for a multi-output model's Keras metrics |
+    | `return_scores` | also return {function name: the per-row scores} |
+    | `workers`, `threads_per_worker`, `batch_size`, `engine`, `backend`, `custom_objects`, `safe_mode` | as for `predict` |
+
+    A score function's result is averaged over rows (weighted by `sample_weight` when given)
+    and reported under its name (`fn.__name__`; lambdas as `score_0`, `score_1`, ...).
+    """
+    keras_extra, score_fns = _split_metrics(metrics)
+    keras_model = _keras_model(model, custom_objects, safe_mode)
+    compiled = bool(getattr(keras_model, "compiled", False)) and getattr(keras_model, "loss", None) is not None
+    if not compiled and not keras_extra and not score_fns:
+        raise InputError(
+            "Expected a model compiled with a loss (model.compile(loss=...) before saving), or metrics=[...] to compute. "
+            "Received: an uncompiled model and no metrics."
+        )
+    if y is None:
+        raise InputError("Expected y, the true values to evaluate against. Received: y=None.")
+    xs, ys, ws = _Rows(x, "x"), _Rows(y, "y"), _Rows(sample_weight, "sample_weight") if sample_weight is not None else None
+    rows = xs.rows
+    if rows == 0:
+        raise InputError("Expected at least one row to evaluate. Received: x with 0 rows.")
+    for other in [ys, ws]:
+        if other is not None and other.rows != rows:
+            raise InputError(f"Expected {other.what} to have as many rows as x ({rows}). Received: {other.rows} rows.")
+    fleet = Fleet(
+        model,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+        batch_size=batch_size,
+        backend=backend,
+        custom_objects=custom_objects,
+        safe_mode=safe_mode,
+        engine=engine,
+    )
+    pool: ScorePool | None = None
+    try:
+        if score_fns:
+            pool = ScorePool(score_fns, workers, fleet.backend)
+        window = _window_rows(xs, ys, rows)
+        bounds = [(lo, min(rows, lo + window)) for lo in range(0, rows, window)]
+        tracker = _Tracker(keras_model if compiled else None, keras_extra)
+        scores: list[np.ndarray[Any, Any]] = []
+        bar = progress_bar(rows, progress)
+        try:
+            predictions = fleet.imap((xs.window(lo, hi) for lo, hi in bounds), max_inflight=2)
+            for (lo, hi), y_pred in zip(bounds, predictions):
+                y_true = ys.window(lo, hi)
+                weight = ws.window(lo, hi) if ws is not None else None
+                tracker.update(y_true, y_pred, weight)
+                if pool is not None:
+                    scores.append(pool.score(_flat(y_true), _flat(y_pred), weight, _packing(y_true), _packing(y_pred)))
+                if bar is not None:
+                    bar.update(hi - lo)
+        finally:
+            if bar is not None:
+                bar.close()
+        results = tracker.result()
+        per_row: dict[str, np.ndarray[Any, Any]] = {}
+        if pool is not None:
+            table = np.concatenate(scores, axis=1) if scores else np.zeros((len(score_fns), 0))
+            weights = ws.all() if ws is not None else None
+            for (name, _), values in zip(score_fns, table):
+                per_row[name] = values
+                results[name] = float(np.average(values, weights=weights)) if len(values) else math.nan
+    finally:
+        if pool is not None:
+            pool.close()
+        fleet.close()
+    return (results, per_row) if return_scores else results
+
+
+class _Tracker:
+    """The compiled loss and metrics, and the extra Keras metrics, updated window by window."""
+
+    def __init__(self, model: Any, extra: Any) -> None:
+        self.model = model
+        self.extra = extra
+        if model is not None:
+            import keras
+
+            model.reset_metrics()
+            self.loss = keras.metrics.Mean(name="loss")
+        for m in self._extra_metrics():
+            m.reset_state()
+
+    def _extra_metrics(self) -> list[Any]:
+        if isinstance(self.extra, dict):
+            return [m for ms in self.extra.values() for m in ms]
+        return list(self.extra)
+
+    def update(self, y_true: Any, y_pred: Any, weight: Any) -> None:
+        if self.model is not None:
+            loss = self.model.compute_loss(x=None, y=y_true, y_pred=y_pred, sample_weight=weight, training=False)
+            self.loss.update_state(loss, sample_weight=_rows_of(y_pred))
+            self.model.compute_metrics(None, y_true, y_pred, sample_weight=weight)
+        if isinstance(self.extra, dict):
+            for name, ms in self.extra.items():
+                for m in ms:
+                    m.update_state(y_true[name], y_pred[name], sample_weight=weight)
+        else:
+            for m in self.extra:
+                m.update_state(y_true, y_pred, sample_weight=weight)
+
+    def result(self) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        if self.model is not None:
+            results.update(self.model.get_metrics_result())
+            results["loss"] = self.loss.result()
+        if isinstance(self.extra, dict):
+            for name, ms in self.extra.items():
+                results.update({f"{name}_{m.name}": m.result() for m in ms})
+        else:
+            results.update({m.name: m.result() for m in self.extra})
+        return {k: float(np.asarray(v)) for k, v in results.items()}
+
+
+def _split_metrics(metrics: Any) -> tuple[Any, list[tuple[str, Callable[..., Any]]]]:
+    """metrics= -> (Keras metric objects, list or per-output dict) and [(name, NumPy score function)]."""
+    if metrics is None:
+        return [], []
+    if isinstance(metrics, Mapping):
+        keras_part = {}
+        for name, items in metrics.items():
+            ms, plain = _split_metrics(items)
+            if plain:
+                raise InputError(
+                    f"Expected only Keras metrics in the per-output dict (output {name!r}); score functions take the "
+                    "whole y_true and y_pred. Received: a plain function. Pass it in a list: metrics=[fn]."
+                )
+            keras_part[name] = ms
+        return keras_part, []
+    if not isinstance(metrics, (list, tuple)):
+        metrics = [metrics]
+    keras_metrics: list[Any] = []
+    fns: list[tuple[str, Callable[..., Any]]] = []
+    for item in metrics:
+        if isinstance(item, str) or _is_keras_metric(item):
+            keras_metrics.append(_keras_metric(item))
+        elif callable(item):
+            name = getattr(item, "__name__", "") or ""
+            if not name.isidentifier() or any(n == name for n, _ in fns):
+                name = f"score_{len(fns)}"
+            fns.append((name, item))
+        else:
+            raise InputError(
+                "Expected metrics as Keras metric names or objects, or functions f(y_true, y_pred) -> one score per row. "
+                f"Received: {item!r}."
+            )
+    return keras_metrics, fns
+
+
+def _is_keras_metric(item: Any) -> bool:
+    return any(c.__module__.startswith("keras") and c.__name__ == "Metric" for c in type(item).__mro__)
+
+
+def _keras_metric(item: Any) -> Any:
+    import keras
+
+    if not isinstance(item, str):
+        return item
+    try:
+        found = keras.metrics.get(item)
+    except ValueError as exc:
+        raise InputError(f"Expected a Keras metric name (like 'auc', 'mae'). Received: {item!r} ({exc}).") from None
+    if isinstance(found, type):
+        return found(name=item)  # reported under the name given, as compile() does
+    if isinstance(found, keras.metrics.Metric):
+        return type(found)(name=item)
+    return keras.metrics.MeanMetricWrapper(found, name=item)
+
+
+def _keras_model(model: Any, custom_objects: dict[str, Any] | None, safe_mode: bool) -> Any:
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    import keras
+
+    return keras.saving.load_model(model, custom_objects=custom_objects, safe_mode=safe_mode)
+
+
+class _Rows:
+    """x, y or sample_weight: arrays (or memmapped .npy files), a list or a dict of them."""
+
+    def __init__(self, value: Any, what: str) -> None:
+        self.what = what
+        self.value = self._open(value)
+        leaves = _leaves(self.value)
+        if not leaves:
+            raise InputError(f"Expected {what} as an array, a list or dict of arrays, or a .npy path. Received: {value!r}.")
+        counts = {int(a.shape[0]) if a.ndim else -1 for a in leaves}
+        if len(counts) != 1 or -1 in counts:
+            raise InputError(f"Expected every array of {what} to have the same number of rows. Received: {sorted(counts)}.")
+        self.rows = counts.pop()
+
+    def _open(self, value: Any) -> Any:
+        if isinstance(value, (str, os.PathLike)):
+            path = Path(value).expanduser()
+            if path.suffix.lower() != ".npy" or not path.is_file():
+                raise InputError(f"Expected {self.what} as an existing .npy file (or arrays). Received: {str(value)!r}.")
+            return np.load(path, mmap_mode="r")  # windows are read from disk as needed
+        if isinstance(value, Mapping):
+            return {k: self._open(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._open(v) for v in value]
+        if hasattr(value, "shape") and not isinstance(value, np.ndarray):
+            return np.asarray(value)  # a framework tensor
+        if isinstance(value, np.ndarray):
+            return value
+        raise InputError(f"Expected {self.what} as an array, a list or dict of arrays, or a .npy path. Received: {type(value).__name__}.")
+
+    def window(self, lo: int, hi: int) -> Any:
+        return _map(self.value, lambda a: np.asarray(a[lo:hi]))
+
+    def all(self) -> np.ndarray[Any, Any]:
+        leaves = _leaves(self.value)
+        return np.asarray(leaves[0]).reshape(self.rows, -1)[:, 0] if leaves[0].ndim > 1 else np.asarray(leaves[0])
+
+    def row_bytes(self) -> int:
+        return sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize for a in _leaves(self.value))
+
+
+def _map(value: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map(v, fn) for v in value]
+    return fn(value)
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value] if hasattr(value, "shape") else []
+
+
+def _flat(value: Any) -> list[np.ndarray[Any, Any]]:
+    return [np.asarray(a) for a in _leaves(value)]
+
+
+def _packing(value: Any) -> Packing:
+    if isinstance(value, dict):
+        return Packing("dict", tuple(value))
+    if isinstance(value, (list, tuple)):
+        return Packing("list", ())
+    return Packing("single", ())
+
+
+def _rows_of(value: Any) -> int:
+    return int(_leaves(value)[0].shape[0])
+
+
+def _window_rows(xs: _Rows, ys: _Rows, rows: int) -> int:
+    per_row = max(1, xs.row_bytes() + 2 * ys.row_bytes())
+    return max(_MIN_WINDOW_ROWS, min(rows, _WINDOW_BYTES // per_row)) if rows else 1

@@ -1,0 +1,200 @@
+"""Per-row NumPy scores in worker processes: `f(y_true, y_pred) -> one score per row`.
+
+    parent                                         score workers (runtime workers)
+    ------                                         -------------------------------
+    window of y_true, y_pred (and sample weights)
+      -> shared buffers, Attach(ScoreSpec) ----->  map the buffers
+      ScoreRows(a, b) x chunks ------------------>  scores[i, a:b] = fns[i](y_true[a:b], y_pred[a:b])
+      <- Done (nothing: scores are in the buffer)
+
+The functions travel once, at worker start, pickled with cloudpickle: importable ones by
+reference, ones defined in the caller's script (`__main__`) or lambdas by value - the workers
+never run the caller's script. The data travels through shared memory, never the pipe (a large
+message to a busy worker would block the supervisor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..runtime import (
+    REQUEUE,
+    BufferSpec,
+    Context,
+    LocalWorker,
+    OpenBuffer,
+    SharedBuffers,
+    Supervisor,
+    WorkerInit,
+    make_plan,
+    worker_environment,
+)
+from ..runtime.buffers import Segment
+
+HANDLER = "kerasfleet.evaluation.scoring:score_handler"
+_CHUNKS_PER_WORKER = 4
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How y_true / y_pred are handed to a score function: one array, a list, or a dict."""
+
+    structure: str  # "single", "list" or "dict"
+    names: tuple[str, ...]
+
+    def pack(self, arrays: Sequence[np.ndarray[Any, Any]]) -> Any:
+        if self.structure == "dict":
+            return dict(zip(self.names, arrays))
+        return list(arrays) if self.structure == "list" else arrays[0]
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    y_true: tuple[BufferSpec, ...]
+    y_pred: tuple[BufferSpec, ...]
+    weight: BufferSpec | None
+    scores: BufferSpec  # (functions, rows) float64
+    true_packing: Packing
+    pred_packing: Packing
+
+
+@dataclass(frozen=True)
+class ScoreRows:
+    context_id: int
+    start: int
+    stop: int
+
+
+class _Open:
+    def __init__(self, spec: ScoreSpec) -> None:
+        self.spec = spec
+        self.y_true = [OpenBuffer(b) for b in spec.y_true]
+        self.y_pred = [OpenBuffer(b) for b in spec.y_pred]
+        self.weight = OpenBuffer(spec.weight) if spec.weight is not None else None
+        self.scores = OpenBuffer(spec.scores)
+
+    def close(self) -> None:
+        for b in [*self.y_true, *self.y_pred, self.scores, *([self.weight] if self.weight else [])]:
+            b.close()
+
+
+class ScoreHandler:
+    """The worker side: the functions, unpickled once; score rows of attached windows."""
+
+    def __init__(self, blob: bytes) -> None:
+        import cloudpickle
+
+        self.fns: list[tuple[str, Callable[..., Any]]] = cloudpickle.loads(blob)
+        self.info: dict[str, Any] = {"scores": [name for name, _ in self.fns]}
+        self._open: dict[int, _Open] = {}
+
+    def attach(self, context_id: int, payload: Any) -> None:
+        self._open[context_id] = _Open(payload)
+
+    def detach(self, context_id: int) -> None:
+        opened = self._open.pop(context_id, None)
+        if opened is not None:
+            opened.close()
+
+    def run(self, payload: Any) -> Any:
+        if not isinstance(payload, ScoreRows):
+            raise TypeError(f"Expected ScoreRows. Received: {type(payload).__name__}.")
+        opened = self._open[payload.context_id]
+        a, b = payload.start, payload.stop
+        y_true = opened.spec.true_packing.pack([buf.array[a:b] for buf in opened.y_true])
+        y_pred = opened.spec.pred_packing.pack([buf.array[a:b] for buf in opened.y_pred])
+        for i, (name, fn) in enumerate(self.fns):
+            scores = np.asarray(fn(y_true, y_pred), dtype=np.float64)
+            if scores.shape != (b - a,):
+                raise ValueError(
+                    f"Expected the score function {name!r} to return one number per row: shape ({b - a},) for rows "
+                    f"{a}:{b}. Received: shape {scores.shape}. Reduce every axis but the first (e.g. .mean(axis=-1))."
+                )
+            opened.scores.array[i, a:b] = scores
+        return None
+
+
+def score_handler(blob: bytes) -> ScoreHandler:
+    return ScoreHandler(blob)
+
+
+class ScorePool:
+    """Score workers, one per core (or `workers`), kept for every window of one evaluation."""
+
+    def __init__(self, fns: list[tuple[str, Callable[..., Any]]], workers: int | None, backend: str) -> None:
+        import cloudpickle
+
+        self.names = [name for name, _ in fns]
+        blob = cloudpickle.dumps(fns)
+        plan = make_plan(workers, None, devices="cpu")
+        self.workers = plan.workers
+        init = WorkerInit(HANDLER, blob)
+        self._supervisor = Supervisor(
+            lambda slot: LocalWorker(slot, init, worker_environment(slot, backend)),
+            plan.slots,
+            name="kerasfleet-scores",
+        )
+        self._buffers = SharedBuffers(keep=8)
+
+    def score(
+        self,
+        y_true: list[np.ndarray[Any, Any]],
+        y_pred: list[np.ndarray[Any, Any]],
+        weight: np.ndarray[Any, Any] | None,
+        true_packing: Packing,
+        pred_packing: Packing,
+    ) -> np.ndarray[Any, Any]:
+        """(functions, rows) scores of one window, computed by the workers in chunks."""
+        rows = int(y_pred[0].shape[0])
+        segments: list[Segment] = []
+
+        def put(array: np.ndarray[Any, Any]) -> BufferSpec:
+            shared, spec, segment = self._buffers.create(array.shape, array.dtype)
+            segments.append(segment)
+            np.copyto(shared, array)
+            return spec
+
+        context: Context | None = None
+        futures: list[Future[Any]] = []
+        finished = False
+        try:
+            scores, scores_spec, segment = self._buffers.create((len(self.names), rows), np.float64)
+            segments.append(segment)
+            spec = ScoreSpec(
+                tuple(put(np.ascontiguousarray(a)) for a in y_true),
+                tuple(put(np.ascontiguousarray(a)) for a in y_pred),
+                put(np.ascontiguousarray(weight)) if weight is not None else None,
+                scores_spec,
+                true_packing,
+                pred_packing,
+            )
+            context = Context(spec, label="scores")
+            per = max(1, -(-rows // (self.workers * _CHUNKS_PER_WORKER)))
+            for lo in range(0, rows, per):
+                hi = min(rows, lo + per)
+                futures.append(
+                    self._supervisor.submit(ScoreRows(context.id, lo, hi), context=context, retry=REQUEUE, label=f"scoring rows {lo}:{hi}")
+                )
+            wait(futures)
+            for f in futures:
+                f.result()  # the first error, with the worker's traceback as its cause
+            finished = True
+            return np.array(scores)
+        finally:
+            for f in futures:
+                f.cancel()
+            if context is not None:
+                self._supervisor.close_context(context)
+            if finished:
+                self._buffers.recycle(segments)
+            else:
+                self._buffers.discard(segments)
+
+    def close(self) -> None:
+        self._supervisor.close()
+        self._buffers.release()

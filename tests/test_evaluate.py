@@ -1,0 +1,76 @@
+"""`kerasfleet.evaluate` against `model.evaluate` on JAX and TensorFlow, real fleets, real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).parent
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module", params=["jax", "tensorflow"])
+def cases(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"eval_{request.param}")
+    env = {**os.environ, "KERAS_BACKEND": request.param}
+    run = subprocess.run([sys.executable, str(HERE / "eval_cases.py"), str(out)], env=env, capture_output=True, text=True, timeout=560)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["single", "single-weighted", "multi", "multi-weighted"])
+def test_evaluate_equals_model_evaluate(cases, case):
+    want, got = cases[case]["keras"], cases[case]["fleet"]
+    assert sorted(got) == sorted(want)
+    assert "auc" in " ".join(want) and "loss" in want
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_numpy_scores_run_in_workers_and_equal_the_loop(cases):
+    scores = cases["scores"]
+    got = scores["fleet"]
+    np.testing.assert_allclose(got["crps_gaussian_quadrature"], scores["loop_crps"], rtol=1e-9)
+    np.testing.assert_allclose(got["mae"], scores["keras_mae"], rtol=1e-5)  # a Keras metric by name
+    np.testing.assert_allclose(got["score_1"], scores["loop_abs"], rtol=1e-5)  # a lambda, by value
+    assert scores["per_row_len"] == 1504
+    for name, value in scores["keras_eval"].items():  # .npy inputs, memory-mapped
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_onnx_predictions_give_the_same_metrics_closely(cases):
+    want, got = cases["onnx"]["keras"], cases["onnx"]["fleet"]
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_bad_calls_fail_before_work_with_clear_errors(zoo):
+    import kerasfleet
+    from kerasfleet import InputError
+
+    folder = zoo("jax")
+    x = np.zeros((10, 32), np.float32)
+    with pytest.raises(InputError, match="Expected a model compiled with a loss"):
+        kerasfleet.evaluate(folder / "mlp.keras", x, np.zeros((10, 10)))
+    with pytest.raises(InputError, match="Expected y"):
+        kerasfleet.evaluate(folder / "mlp.keras", x, metrics=["mae"])
+    with pytest.raises(InputError, match=r"Expected y to have as many rows as x \(10\). Received: 9 rows"):
+        kerasfleet.evaluate(folder / "mlp.keras", x, np.zeros((9, 10)), metrics=["mae"])
+    with pytest.raises(InputError, match="Expected metrics as Keras metric names"):
+        kerasfleet.evaluate(folder / "mlp.keras", x, np.zeros((10, 10)), metrics=[42])
+
+
+def test_a_score_function_of_the_wrong_shape_names_itself(zoo):
+    import kerasfleet
+    from kerasfleet import WorkerError
+
+    sys.path.insert(0, str(HERE))
+    import eval_fns
+
+    folder = zoo("jax")
+    with pytest.raises(WorkerError, match=r"Expected the score function 'wrong_shape' to return one number per row"):
+        kerasfleet.evaluate(folder / "mlp.keras", np.zeros((50, 32), np.float32), np.zeros((50, 10)), metrics=[eval_fns.wrong_shape], workers=1)
