@@ -17,9 +17,15 @@ pipe, and it answers through `concurrent.futures.Future`s.
 
 Deadlines: a task with `timeout` goes only to an idle worker, which gets nothing else while it
 runs; past `dispatch + timeout` the worker is killed (SIGKILL) and replaced, and the task fails
-with `TaskTimeoutError`. Every worker has its own start deadline: a worker not ready
-`start_timeout` seconds after it was started is killed and counts as a start failure, so a fleet
-that has run for hours still replaces a worker that dies.
+with `TaskTimeoutError`. An `exclusive` task gets the same treatment without a deadline (a sweep
+trial: minutes long, it must not wait behind another while a worker idles). Every worker has
+its own start deadline: a worker not ready `start_timeout` seconds after it was started is
+killed and counts as a start failure, so a fleet that has run for hours still replaces a
+worker that dies.
+
+Recycling: `retire(pid)` replaces a worker once it holds nothing (after N sweep trials, or when
+its memory grew): it gets no new task, is sent `Stop` when idle and ready, and its exit starts a
+replacement like a death would, but fails nothing and counts in `retired`, not `restarts`.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ PREFETCH = 2
 # Longest sleep without news: bounds how late a start deadline is noticed (task deadlines
 # set the wait's timeout exactly).
 _TICK_S = 1.0
-# How long close() waits for idle workers to exit on their own before killing them.
+# How long close() waits for idle workers to exit on their own before killing them (and how
+# long a retired worker may take to exit after its Stop).
 _STOP_GRACE_S = 3.0
 
 
@@ -90,16 +97,42 @@ class Context:
 
 
 class _Task:
-    __slots__ = ("id", "payload", "context", "retry", "timeout", "future", "label", "deaths", "deadline", "started", "end")
+    __slots__ = (
+        "id",
+        "payload",
+        "context",
+        "retry",
+        "timeout",
+        "exclusive",
+        "on_start",
+        "future",
+        "label",
+        "deaths",
+        "deadline",
+        "started",
+        "end",
+    )
 
     def __init__(
-        self, task_id: int, payload: Any, context: Context | None, retry: RetryPolicy, timeout: float | None, label: str
+        self,
+        task_id: int,
+        payload: Any,
+        context: Context | None,
+        retry: RetryPolicy,
+        timeout: float | None,
+        label: str,
+        exclusive: bool = False,
+        on_start: Callable[[int | None], None] | None = None,
     ) -> None:
         self.id = task_id
         self.payload = payload
         self.context = context
         self.retry = retry
         self.timeout = timeout
+        # A task with a deadline is always alone on its worker: killing the worker at the
+        # deadline must not take a task waiting behind it down too.
+        self.exclusive = exclusive or timeout is not None
+        self.on_start = on_start
         self.label = label
         self.future: Future[Any] = Future()
         self.deaths = 0
@@ -119,10 +152,12 @@ class _Worker:
         self.info: dict[str, Any] = {}
         self.start_deadline = start_deadline
         self.kill_reason: str | None = None
+        self.retiring = False  # retire(pid): no new task; Stop once it holds nothing
+        self.stop_deadline: float | None = None  # set when a retiring worker was sent Stop
 
     @property
     def exclusive(self) -> bool:
-        return any(t.timeout is not None for t in self.outstanding.values())
+        return any(t.exclusive for t in self.outstanding.values())
 
 
 class Supervisor:
@@ -170,6 +205,7 @@ class Supervisor:
         self._closing = False
         self._start_failures = 0
         self.restarts = 0
+        self.retired = 0
         self.tasks_done = 0
         self._snapshot: list[dict[str, Any]] = []
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -184,14 +220,29 @@ class Supervisor:
         retry: RetryPolicy = REQUEUE,
         timeout: float | None = None,
         label: str = "",
+        exclusive: bool = False,
+        on_start: Callable[[int | None], None] | None = None,
     ) -> Future[Any]:
-        """Queue a task; its future gets the worker's result or the error that ended it."""
+        """Queue a task; its future gets the worker's result or the error that ended it.
+
+        `exclusive`: run it only on an idle worker, which gets nothing else meanwhile (implied
+        by `timeout`). `on_start(pid)` is called, in the supervisor thread (keep it short), each
+        time the task is handed to a worker.
+        """
         self._check_usable()
         if timeout is not None and not timeout > 0:
             raise ValueError(f"Expected timeout to be a positive number of seconds or None. Received: timeout={timeout!r}.")
-        task = _Task(next(self._ids), payload, context, retry, timeout, label or type(payload).__name__)
+        task = _Task(next(self._ids), payload, context, retry, timeout, label or type(payload).__name__, exclusive, on_start)
         self._post("task", task)
         return task.future
+
+    def retire(self, pid: int) -> None:
+        """Replace the worker `pid` once it holds no task (a pid no longer in the fleet is ignored).
+
+        It gets no new task; when it is idle it is sent `Stop`, and its exit starts a
+        replacement on its slot. What it holds finishes normally.
+        """
+        self._post("retire", pid)
 
     def cancel(self, future: Future[Any]) -> bool:
         """Cancel a task: a queued one is dropped; a running one's worker is killed and replaced."""
@@ -304,6 +355,12 @@ class Supervisor:
                         self._send(w, Detach(item.id))
             elif op == "cancel":
                 self._cancel_running(item)
+            elif op == "retire":
+                for w in self._workers:
+                    if w.handle.pid == item and not w.dead and not w.retiring:
+                        w.retiring = True
+                        self._stop_if_retired(w)
+                        self._publish()
 
     def _cancel_running(self, future: Future[Any]) -> None:
         for w in self._workers:
@@ -332,6 +389,8 @@ class Supervisor:
                 continue  # killed: its pidfd says when it is gone
             if not w.ready:
                 soonest = min(soonest, w.start_deadline)
+            if w.stop_deadline is not None:
+                soonest = min(soonest, w.stop_deadline)
             for task in w.outstanding.values():
                 if task.deadline is not None and task.end is None:
                     soonest = min(soonest, task.deadline)
@@ -343,7 +402,11 @@ class Supervisor:
         already has one."""
         while self._queue:
             room = sorted(
-                (w for w in self._workers if w.ready and not w.dead and not w.exclusive and len(w.outstanding) < PREFETCH),
+                (
+                    w
+                    for w in self._workers
+                    if w.ready and not w.dead and not w.retiring and not w.exclusive and len(w.outstanding) < PREFETCH
+                ),
                 key=lambda w: len(w.outstanding),
             )
             if not room:
@@ -363,7 +426,7 @@ class Supervisor:
         """The first queued task that may start now (one with a deadline needs an idle worker)."""
         while self._queue:
             task = self._queue[0]
-            if task.timeout is not None and not idle:
+            if task.exclusive and not idle:
                 return None
             self._queue.popleft()
             if task.future.done() or (not task.started and not task.future.set_running_or_notify_cancel()):
@@ -392,6 +455,9 @@ class Supervisor:
                 task.future,
                 FleetError(f"Expected a task payload that pickles. Received: {task.label}: {type(exc).__name__}: {exc}"),
             )
+            return True
+        if task.on_start is not None:
+            task.on_start(w.handle.pid)
         return True
 
     def _service(self, obj: Any, w: _Worker | None) -> None:
@@ -442,6 +508,7 @@ class Supervisor:
                     f"A worker (pid {w.handle.pid}) raised {msg.error.type_name} while {task.label}: {msg.error.message}"
                 )
                 _fail(task.future, error, RemoteTraceback(msg.error.traceback))
+            self._stop_if_retired(w)
         elif kind is Ready:
             w.ready = True
             w.info = msg.info
@@ -449,6 +516,7 @@ class Supervisor:
             if self._on_ready is not None:
                 self._on_ready(msg.info)
             self._publish()
+            self._stop_if_retired(w)  # retired while it was starting
         elif kind is Fatal:
             exc = self._on_fatal(msg.error)
             exc.__cause__ = RemoteTraceback(msg.error.traceback)
@@ -521,8 +589,8 @@ class Supervisor:
             else:
                 requeue.append(task)
         self._queue.extendleft(reversed(requeue))
-        if w.ready:
-            self.restarts += 1
+        if w.ready and not (w.retiring and w.stop_deadline is not None):
+            self.restarts += 1  # a retired worker's exit is not a restart
         self._spawn(w.slot)
         for task, error in failures:
             _fail(task.future, error)
@@ -549,15 +617,26 @@ class Supervisor:
     def _publish(self) -> None:
         with self._state:
             self._snapshot = [
-                {"pid": w.handle.pid, "ready": w.ready, "cpus": list(w.slot.cpus), "gpu": w.slot.gpu} for w in self._workers
+                {"pid": w.handle.pid, "ready": w.ready, "cpus": list(w.slot.cpus), "gpu": w.slot.gpu, "retiring": w.retiring}
+                for w in self._workers
             ]
             self._state.notify_all()
+
+    def _stop_if_retired(self, w: _Worker) -> None:
+        """A retiring worker that holds nothing is told to stop; its exit starts a replacement."""
+        if w.retiring and w.ready and not w.outstanding and w.stop_deadline is None and not w.dead:
+            self.retired += 1
+            w.stop_deadline = time.monotonic() + _STOP_GRACE_S
+            self._send(w, Stop())
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for w in self._workers:
             if w.dead:
                 continue
+            if w.stop_deadline is not None and now > w.stop_deadline and w.kill_reason is None:
+                w.kill_reason = f"retired, it did not exit within {_STOP_GRACE_S:g} s of its Stop"
+                w.handle.kill()
             if not w.ready and now > w.start_deadline and w.kill_reason is None:
                 w.kill_reason = f"not ready after {self.start_timeout:g} s (start_timeout)"
                 w.handle.kill()
