@@ -5,6 +5,7 @@
     kerasfleet.Predictor(model)           low latency in this process, no retracing after warm-up
     kerasfleet.make_plan()                workers, threads, cores and GPUs it would use
     kerasfleet.serve(models) / Server     an HTTP server (KServe V2, TF Serving REST) with dynamic batching
+    kerasfleet.sweep(fn, grid, seeds=)    every config x seed in worker processes, timeouts, SQLite, resume
 
 Attributes load lazily: `import kerasfleet` costs milliseconds and imports no framework, and a
 spawned worker can set its thread budget before NumPy or Keras start.
@@ -34,6 +35,8 @@ __all__ = [
     "make_plan",
     "predict",
     "serve",
+    "SweepResult",
+    "sweep",
 ]
 
 _LAZY = {
@@ -52,6 +55,8 @@ _LAZY = {
     "WorkerError": ".errors",
     "WorkerCrashedError": ".errors",
     "WorkerStartError": ".errors",
+    "sweep": ".sweeps.api",
+    "SweepResult": ".sweeps.results",
 }
 
 if TYPE_CHECKING:
@@ -70,6 +75,8 @@ if TYPE_CHECKING:
     from .prediction.predictor import Predictor
     from .runtime.plan import Plan, make_plan
     from .serving.server import Server, serve
+    from .sweeps.api import sweep
+    from .sweeps.results import SweepResult
 
 
 def __getattr__(name: str) -> Any:
