@@ -316,3 +316,100 @@ def serve(models: tuple[str, ...], backend: str | None, unsafe: bool, **options:
         run(list(models), backend=backend, safe_mode=not unsafe, **options)
     except (FleetError, ImportError) as exc:
         raise _fail(exc) from exc
+
+
+def _json_option(text: str | None, option: str) -> Any:
+    """Inline JSON, or the path of a JSON file."""
+    if text is None:
+        return None
+    try:
+        if text.lstrip().startswith(("{", "[")):
+            return json.loads(text)
+        with open(text) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"Expected a JSON file or inline JSON. Received: {text!r} ({exc}).", param_hint=option) from None
+
+
+@main.command("sweep")
+@click.argument("fn")
+@click.option("--grid", "grid_text", default=None, help='JSON file (or inline JSON) of {"name": [values], ...}.')
+@click.option("--configs", "configs_text", default=None, help="Instead of --grid: a JSON list of configs (file or inline).")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; every config runs once per seed.")
+@click.option("--sampler", type=click.Choice(["grid", "random"]), default="grid", show_default=True)
+@click.option("--n-trials", type=int, default=None, help="Configs to draw with --sampler random.")
+@click.option("--timeout", type=float, default=None, help="Seconds per trial; past it the trial is killed (status timeout).")
+@click.option("--store", default="sweep.sqlite", show_default=True, help="SQLite file: one row per trial, committed as it ends.")
+@click.option("--workers", type=int, default=None, help="Trials at once (default: usable cores / threads per trial).")
+@click.option("--threads-per-trial", type=int, default=None, help="Threads each trial uses (default 1 on CPU).")
+@click.option("--devices", default="auto", show_default=True, help="auto, cpu, gpu, or GPU ids like 0,1.")
+@click.option("--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None, help="Keras backend of the workers.")
+@click.option("--retry-failed", is_flag=True, help="Run failed, timed-out and crashed trials of the store again.")
+@click.option("--metric", default=None, help="The metric the summary table shows (default: the only one).")
+@click.option("--mode", type=click.Choice(["max", "min"]), default=None, help="Whether a higher metric is better (default max).")
+@click.option("--max-trials-per-worker", type=int, default=50, show_default=True, help="Replace a worker after this many trials.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a terminal).")
+def sweep_command(
+    fn: str,
+    grid_text: str | None,
+    configs_text: str | None,
+    seeds: str,
+    devices: str,
+    **options: Any,
+) -> None:
+    """Run FN ('module:function') for every config and every seed in worker processes.
+
+    FN(**config, seed=seed) returns a dict of numbers. Running the same command again skips the
+    trials the store has finished. Prints the mean ± std over seeds per config at the end.
+    """
+    from ..sweeps import sweep as run
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"Expected comma-separated integers. Received: {seeds!r}.", param_hint="--seeds") from None
+    # As `python -m` does: modules in the working folder import, here and in the workers.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        result = run(
+            fn,
+            _json_option(grid_text, "--grid"),
+            configs=_json_option(configs_text, "--configs"),
+            seeds=seed_list,
+            devices=_devices(devices),
+            **options,
+        )
+    except FleetError as exc:
+        raise _fail(exc) from exc
+    _print_results(result, options["metric"])
+
+
+@main.command("results")
+@click.argument("store", type=click.Path(dir_okay=False))
+@click.option("--metric", default=None, help="The metric to summarise (default: the only one).")
+@click.option("--mode", type=click.Choice(["max", "min"]), default="max", show_default=True, help="Whether higher is better.")
+def results(store: str, metric: str | None, mode: str) -> None:
+    """Mean ± std over seeds per config of a sweep STORE, best first; then the trials that did not finish."""
+    from ..sweeps import SweepResult, read_store
+
+    try:
+        fn_name, rows = read_store(store)
+        click.echo(f"{store}: trials of {fn_name}")
+        _print_results(SweepResult(rows, metric=metric, mode=mode, store=store), metric)
+    except FleetError as exc:
+        raise _fail(exc) from exc
+
+
+def _print_results(result: Any, metric: str | None) -> None:
+    from ..sweeps.results import describe_not_done
+
+    click.echo(repr(result))
+    if result.counts.get("done"):
+        try:
+            click.echo(result.table(metric))
+        except FleetError as exc:  # several metrics and none chosen
+            click.echo(str(exc))
+    not_done = describe_not_done(result.trials)
+    if not_done:
+        click.echo(not_done)
