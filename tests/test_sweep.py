@@ -276,13 +276,15 @@ def test_a_lambda_and_a_closure_travel_by_value():
     assert_clean()
 
 
-def test_an_importable_function_object_travels_by_name(tmp_path):
+def test_an_importable_function_object_travels_by_name_with_a_progress_bar(tmp_path, capsys):
     import sweep_fns
     from kerasfleet.sweeps.function import function_ref
 
     assert function_ref(sweep_fns.score).pickled is None and function_ref(sweep_fns.score).name == "sweep_fns:score"
-    result = kerasfleet.sweep(sweep_fns.score, {"x": [1]}, seeds=(0, 5), store=tmp_path / "s.sqlite", workers=1)
+    result = kerasfleet.sweep(sweep_fns.score, {"x": [1]}, seeds=(0, 5), store=tmp_path / "s.sqlite", workers=1, progress=True)
     assert [t["metrics"]["score"] for t in result.trials] == [10, 15]
+    bar = capsys.readouterr().err
+    assert "kerasfleet sweep" in bar and "2/2" in bar and "done=2 running=0 failed=0 best score=15" in bar
 
 
 def test_a_store_holds_one_function_and_one_writer(tmp_path):
@@ -328,6 +330,8 @@ BAD = [
     ({"configs": {"x": 1}}, "list of dicts"),
     ({"grid": {"x": [1]}, "timeout": 0}, "timeout to be a positive number"),
     ({"grid": {"x": [1]}, "workers": 0}, "workers to be a positive int"),
+    ({"grid": {"x": [1]}, "threads_per_trial": 1.5}, "threads_per_trial to be a positive int"),
+    ({"grid": {"x": [1]}, "devices": "tpu"}, "devices to be 'auto', 'cpu', 'gpu'"),
     ({"grid": {"x": [1]}, "backend": "theano"}, "Expected backend"),
     ({"grid": {"x": [1]}, "mode": "best"}, "mode to be 'max', 'min'"),
     ({"grid": {"x": [1]}, "store": "/no/such/folder/runs.sqlite"}, "path in an existing folder"),

@@ -130,6 +130,9 @@ def sweep(
     max_trials_per_worker = check_positive_int(max_trials_per_worker, "max_trials_per_worker")
     check_positive_int(workers, "workers")
     check_positive_int(threads_per_trial, "threads_per_trial")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # only the checks here: the plan made below warns, once
+        make_plan(workers, threads_per_trial, devices=devices)  # counts and devices, InputError
     if check_positive_number(start_timeout, "start_timeout") is None:
         raise InputError(f"Expected start_timeout to be a positive number. Received: start_timeout={start_timeout!r}.")
     if retry_failed and not resume:

@@ -18,6 +18,7 @@ finds its finished trials by name, not by code.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -54,10 +55,11 @@ def function_ref(fn: Any) -> FunctionRef:
         )
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise InputError(f"Expected a plain function that returns a dict of numbers. Received: an async function {fn!r}.")
-    module = getattr(fn, "__module__", None) or "__main__"
-    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    name = f"{module}:{qualname}"
-    if module != "__main__" and "<" not in qualname and _lookup(module, qualname) is fn:
+    inner = fn.func if isinstance(fn, functools.partial) else fn  # a partial is named after its function
+    module = getattr(inner, "__module__", None) or "__main__"
+    qualname = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+    name = f"{module}:{qualname}" + ("(partial)" if inner is not fn else "")
+    if inner is fn and module != "__main__" and "<" not in qualname and _lookup(module, qualname) is fn:
         return FunctionRef(name, module, qualname)
     # Defined in the caller's script, a lambda, a closure, a partial: by value.
     try:

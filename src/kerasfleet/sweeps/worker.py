@@ -38,7 +38,7 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .function import FunctionRef, check_signature, load_function, signature_of
@@ -72,7 +72,6 @@ class TrialOutcome:
     duration: float  # seconds the function ran
     pid: int
     rss_mb: float  # the worker's resident memory after the trial
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class SweepHandler:
