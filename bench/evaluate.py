@@ -1,20 +1,23 @@
 """Evaluation with a NumPy per-row score: the seed's loop, `model.evaluate`, `kerasfleet.evaluate`.
 
-    KERAS_BACKEND=jax python bench/evaluate.py [--rows 200000] [--loop-rows 300] [--quick]
+    KERAS_BACKEND=jax python bench/evaluate.py [--model mlp|cnn] [--rows N] [--loop-rows 300] [--quick]
 
-One run, one process (plus kerasfleet's workers), on the bench MLP (32-256-256-1, compiled with
-loss "mse" and metric "mae"), `--rows` synthetic rows:
+One run, one process (plus kerasfleet's workers), on bench/bulk.py's MLP (32-256-256-1) or
+small CNN (32x32x3, two convolutions, one output), compiled with loss "mse" and metric "mae",
+on `--rows` synthetic rows:
 
 - seed loop: `model.predict(x[i:i+1])` then the NumPy score, row by row (what the seed user ran;
   timed on `--loop-rows` rows, its rate extrapolates: every row costs the same);
-- `model.evaluate` at its default batch (32) and at the best of 256/1024/4096/16384 rows,
-  without the score (Keras has no per-row NumPy metric);
+- `model.evaluate` at its default batch (32) and at the best of 256/1024/4096 rows, without the
+  score (Keras has no per-row NumPy metric);
 - `kerasfleet.evaluate(path, x, y, metrics=[crps_quadrature])`: loss, mae and the score, the
-  whole call timed (workers started, predictions, metrics, scores in workers), and without the
-  score, to compare with `model.evaluate` on equal terms.
+  whole call timed (workers started, predictions, metrics, scores in workers; the `auto`
+  engine's plan, measured once per model and machine, is measured before, untimed);
+- the same on a warm `kerasfleet.Fleet` (what a loop of evaluations pays), with and without
+  the score.
 
-The score (`_common.crps_quadrature`): a 256-point trapezoidal CRPS per row, ~10 us of NumPy a
-row. Prints rows/s and ratios; values are checked against Keras's (rtol 1e-5).
+The score (`_common.crps_quadrature`): a 64-point trapezoidal CRPS per row, about 5 us of NumPy
+a row. Prints rows/s and ratios; values are checked against Keras's (rtol 1e-4).
 """
 
 from __future__ import annotations
@@ -31,25 +34,37 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import crps_quadrature, gemm_ceiling, machine_facts  # noqa: E402
 
 
-def build():
-    import keras  # noqa: F401  (machine_facts reads its backend)
+def build(name):
+    import keras
 
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [keras.Input((32,)), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(1)]
-    )
+    if name == "mlp":
+        layers = [keras.Input((32,)), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(256, activation="relu")]
+    else:
+        layers = [
+            keras.Input((32, 32, 3)),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(64, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+        ]
+    model = keras.Sequential([*layers, keras.layers.Dense(1)])
     model.compile("adam", "mse", metrics=["mae"])
     return model
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="cnn")
+    parser.add_argument("--rows", type=int, default=None, help="default: 1,000,000 (mlp), 60,000 (cnn)")
     parser.add_argument("--loop-rows", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="small rows, short: a smoke run, not a measurement")
     args = parser.parse_args()
+    args.rows = args.rows or (1_000_000 if args.model == "mlp" else 60_000)
     if args.quick:
-        args.rows, args.loop_rows = 20_000, 50
+        args.rows, args.loop_rows = 5_000, 50
     import keras  # noqa: F401  (machine_facts reads its backend)
 
     import kerasfleet
@@ -58,11 +73,13 @@ def main():
     (peak, shape) = gemm_ceiling(len(kerasfleet.make_plan().usable_cpus), 0.5)
     print(f"# fp32 GEMM peak, measured now: {peak:.0f} GFLOP/s on every usable core ({'x'.join(map(str, shape))})")
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.rows, 32)).astype("float32")
-    y = (x[:, :1] * 0.5 + rng.normal(size=(args.rows, 1))).astype("float32")
-    model = build()
-    model.fit(x[:20_000], y[:20_000], epochs=1, batch_size=256, verbose=0)
-    path = Path(tempfile.mkdtemp(prefix="kf-bench-eval-")) / "mlp.keras"
+    shape = (32,) if args.model == "mlp" else (32, 32, 3)
+    x = rng.normal(size=(args.rows, *shape)).astype("float32")
+    y = (x.reshape(args.rows, -1)[:, :1] * 0.5 + rng.normal(size=(args.rows, 1))).astype("float32")
+    model = build(args.model)
+    model.fit(x[:5_000], y[:5_000], epochs=1, batch_size=256, verbose=0)
+    print(f"# {args.model}: {args.rows:,} rows, {model.count_params():,} params")
+    path = Path(tempfile.mkdtemp(prefix="kf-bench-eval-")) / f"{args.model}.keras"
     model.save(path)
     rates = {}
 
@@ -82,17 +99,25 @@ def main():
     print(f"  seed loop (predict + score per row): {rates['seed loop (predict + score per row)']:,.0f} rows/s ({args.loop_rows} rows)")
     want = timed("model.evaluate, batch 32 (default)", lambda: model.evaluate(x, y, return_dict=True, verbose=0))
     best = None
-    for batch in (256, 1024, 4096, 16384):
+    for batch in (256, 1024, 4096):
         label = f"model.evaluate, batch {batch}"
         timed(label, lambda b=batch: model.evaluate(x, y, batch_size=b, return_dict=True, verbose=0))
         if best is None or rates[label] > rates[best]:
             best = label
-    got = timed("kerasfleet.evaluate, loss + mae", lambda: kerasfleet.evaluate(path, x, y))
-    scored = timed(
-        "kerasfleet.evaluate, loss + mae + NumPy score (workers)", lambda: kerasfleet.evaluate(path, x, y, metrics=[crps_quadrature])
+    # engine="auto" measures its plan once per model and machine: done here, not timed.
+    with kerasfleet.Fleet(path) as fleet:
+        print(f"# kerasfleet plan: {fleet.stats()['plan']}, engine {fleet.engine}, batch {fleet.batch_size}", flush=True)
+    cold = timed(
+        "kerasfleet.evaluate + NumPy score, whole call (workers started)",
+        lambda: kerasfleet.evaluate(path, x, y, metrics=[crps_quadrature]),
     )
+    with kerasfleet.Fleet(path) as fleet:
+        fleet.wait_ready()
+        kerasfleet.evaluate(fleet, x[:1000], y[:1000], metrics=[crps_quadrature])  # warm: every shape compiled
+        scored = timed("kerasfleet.evaluate + NumPy score, warm Fleet", lambda: kerasfleet.evaluate(fleet, x, y, metrics=[crps_quadrature]))
+        got = timed("kerasfleet.evaluate (loss + mae only), warm Fleet", lambda: kerasfleet.evaluate(fleet, x, y))
     for name in want:
-        np.testing.assert_allclose([got[name], scored[name]], [want[name]] * 2, rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose([got[name], scored[name], cold[name]], [want[name]] * 3, rtol=1e-4, err_msg=name)
     print(f"  score: kerasfleet {scored['crps_quadrature']:.6f}, seed loop on its {args.loop_rows} rows {np.mean(loop_scores):.6f}")
 
     print("\n| path | rows/s | vs seed loop | vs best model.evaluate |")

@@ -74,3 +74,25 @@ def test_a_score_function_of_the_wrong_shape_names_itself(zoo):
     folder = zoo("jax")
     with pytest.raises(WorkerError, match=r"Expected the score function 'wrong_shape' to return one number per row"):
         kerasfleet.evaluate(folder / "mlp.keras", np.zeros((50, 32), np.float32), np.zeros((50, 10)), metrics=[eval_fns.wrong_shape], workers=1)
+
+
+def test_a_warm_fleet_is_reused_and_left_open(zoo):
+    import keras
+
+    import kerasfleet
+
+    folder = zoo("jax")
+    path = folder / "batchnorm_dropout.keras"  # compiled with "mse", trained a little
+    x = np.load(folder / "batchnorm_dropout.x.npz")["inputs"]
+    y = np.random.default_rng(0).normal(size=(len(x), 4)).astype("float32")
+    want = keras.saving.load_model(path).evaluate(x, y, return_dict=True, verbose=0)
+    with kerasfleet.Fleet(path, engine="keras", workers=1) as fleet:
+        fleet.wait_ready()
+        pids = fleet.pids
+        first = kerasfleet.evaluate(fleet, x, y)
+        second = kerasfleet.evaluate(fleet, x[:100], y[:100], metrics=["mae"])
+        assert fleet.pids == pids  # the same warm workers, still open
+        assert fleet.predict(x[:3]).shape == (3, 4)
+    np.testing.assert_allclose(first["loss"], want["loss"], rtol=1e-5)
+    assert set(second) == {"loss", "mae"}
+

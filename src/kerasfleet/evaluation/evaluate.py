@@ -67,7 +67,7 @@ def evaluate(
 
     | argument | meaning |
     | --- | --- |
-    | `model` | a `.keras`/`.h5` path or an in-memory `keras.Model`; its compiled loss and metrics are computed |
+    | `model` | a `.keras`/`.h5` path, an in-memory `keras.Model`, or a warm `kerasfleet.Fleet` (kept open: repeated evaluations pay no start); its compiled loss and metrics are computed |
     | `x`, `y`, `sample_weight` | what `predict` takes (arrays, lists or dicts of arrays, memmaps, `.npy` paths); `y` as `model.evaluate` takes it |
     | `metrics` | more metrics: Keras metric names or objects (this process, exact), and plain functions `f(y_true, y_pred) -> one score per row` (NumPy, run in worker processes); a dict {output name: [...]} for a multi-output model's Keras metrics |
     | `return_scores` | also return {function name: the per-row scores} |
@@ -77,7 +77,8 @@ def evaluate(
     and reported under its name (`fn.__name__`; lambdas as `score_0`, `score_1`, ...).
     """
     keras_extra, score_fns = _split_metrics(metrics)
-    keras_model = _keras_model(model, custom_objects, safe_mode)
+    given_fleet = model if isinstance(model, Fleet) else None
+    keras_model = _keras_model(given_fleet.model_path if given_fleet is not None else model, custom_objects, safe_mode)
     compiled = bool(getattr(keras_model, "compiled", False)) and getattr(keras_model, "loss", None) is not None
     if not compiled and not keras_extra and not score_fns:
         raise InputError(
@@ -93,7 +94,7 @@ def evaluate(
     for other in [ys, ws]:
         if other is not None and other.rows != rows:
             raise InputError(f"Expected {other.what} to have as many rows as x ({rows}). Received: {other.rows} rows.")
-    fleet = Fleet(
+    fleet = given_fleet or Fleet(
         model,
         workers=workers,
         threads_per_worker=threads_per_worker,
@@ -113,7 +114,7 @@ def evaluate(
         scores: list[np.ndarray[Any, Any]] = []
         bar = progress_bar(rows, progress)
         try:
-            predictions = fleet.imap((xs.window(lo, hi) for lo, hi in bounds), max_inflight=2)
+            predictions = fleet.imap((xs.window(lo, hi) for lo, hi in bounds), batch_size=batch_size, max_inflight=2)
             for (lo, hi), y_pred in zip(bounds, predictions):
                 y_true = ys.window(lo, hi)
                 weight = ws.window(lo, hi) if ws is not None else None
@@ -136,7 +137,8 @@ def evaluate(
     finally:
         if pool is not None:
             pool.close()
-        fleet.close()
+        if given_fleet is None:
+            fleet.close()  # a fleet passed in stays warm for the caller's next call
     return (results, per_row) if return_scores else results
 
 

@@ -273,6 +273,11 @@ class Fleet:
         return self._outputs((bucket(rows, batch) if rows else batch, row_specs))
 
     @property
+    def model_path(self) -> Any:
+        """The model file the workers load (a temporary copy for an in-memory model, while open)."""
+        return self._model.path
+
+    @property
     def restarts(self) -> int:
         return self._supervisor.restarts
 
