@@ -396,6 +396,19 @@ def test_workers_are_reused_then_recycled_after_max_trials_per_worker():
     assert_clean()
 
 
+def test_a_free_worker_gets_a_config_it_already_ran_else_one_nobody_started():
+    """A model of the same shape then compiles once per worker, as in a sequential loop."""
+    from kerasfleet.sweeps.spec import pick, trials_for
+
+    todo = trials_for("f", [{"c": 0}, {"c": 1}, {"c": 2}], seeds=(0, 1))
+    c0, c1, c2 = (todo[i].config_id for i in (0, 2, 4))
+    assert pick(todo, warm=set(), started=set()) == 0  # a fresh worker: the first config
+    assert pick(todo, warm=set(), started={c0}) == 2  # c0 runs elsewhere: a config nobody started
+    assert pick(todo, warm={c1}, started={c0, c1}) == 2  # its own config, even behind others
+    assert pick(todo, warm={c2}, started={c0, c1}) == 4
+    assert pick(todo[:4], warm={c2}, started={c0, c1}) == 0  # nothing matches: never idle, the first
+
+
 def test_a_worker_whose_memory_grew_past_the_limit_is_recycled():
     result = kerasfleet.sweep("sweep_fns:hog", {"i": [0, 1, 2]}, store=None, workers=1, max_worker_memory_mb=1.0)
     assert len({t["metrics"]["pid"] for t in result.trials}) == 3

@@ -17,7 +17,10 @@
 
 The caller submits at most one trial per worker, each `exclusive` (alone on an idle worker), so
 a trial never waits behind another while a worker idles, and the next Optuna ask sees every
-result told so far. A trial's status: done; failed (an exception in the function, with its
+result told so far. It also knows which worker the next trial goes to (the one whose trial just
+ended), and gives it a trial of a config it already ran when there is one, else a config no
+worker has started: a model of the same shape compiles once per worker (JAX and TF cache traced
+functions by structure), as in a sequential loop, instead of once per trial. A trial's status: done; failed (an exception in the function, with its
 traceback, or a result that is not a dict of numbers); timeout (past `timeout` its worker is
 SIGKILLed and replaced, within a few ms); crashed (its worker died: the signal is recorded).
 Anything else - workers that cannot start, a function that does not load in a worker, Ctrl-C
@@ -52,6 +55,7 @@ from .spec import (
     check_seeds,
     draw_random,
     expand_grid,
+    pick,
     trials_for,
 )
 from .store import Store
@@ -267,6 +271,9 @@ class _Run:
         self.started: dict[str, tuple[float, int | None]] = {}
         self.waiting: dict[str, list[_Group]] = {}  # Optuna groups waiting for a key's row
         self.asked = 0
+        self.free: deque[int] = deque()  # pids whose trial just ended: the next trials go there
+        self.configs_on: dict[int, set[str]] = {}  # config ids each live worker has run
+        self.configs_started: set[str] = set()
         self.trials_on: Counter[int] = Counter()
         self.sup: Supervisor | None = None
         self.bar: _Bar | None = None
@@ -292,12 +299,18 @@ class _Run:
             return row
         return None
 
-    def _next(self) -> TrialSpec | None:
+    def _next(self, pid: int | None) -> TrialSpec | None:
+        """The next trial for worker `pid` (None: a fresh one): a config it already ran (warm
+        compiled functions), else the first config no worker has started, else the first left."""
         while not self.todo:
             if self.search is None or self.asked >= self.n_trials:
                 return None
             self._ask()
-        return self.todo.popleft()
+        index = pick(self.todo, self.configs_on.get(pid, set()) if pid is not None else set(), self.configs_started)
+        spec = self.todo[index]
+        del self.todo[index]
+        self.configs_started.add(spec.config_id)
+        return spec
 
     def _ask(self) -> None:
         assert self.search is not None
@@ -347,7 +360,7 @@ class _Run:
             )
             while True:
                 while len(self.inflight) < plan.workers:
-                    spec = self._next()
+                    spec = self._next(self.free.popleft() if self.free else None)
                     if spec is None:
                         break
                     self._submit(spec)
@@ -405,9 +418,10 @@ class _Run:
                 duration=outcome.duration,
                 worker_pid=outcome.pid,
             )
-            self._maybe_retire(outcome)
-        if "started" not in row:
+            self._maybe_retire(outcome, spec.config_id)
+        if "started" not in row:  # its worker is gone (killed at the deadline, or dead)
             row.update(started=started, ended=ended, duration=None if started is None else ended - started)
+            self.configs_on.pop(pid or -1, None)
         self.store.record(row)  # committed: a kill from here on loses nothing
         self.ended_here.add(spec.key)
         self.queued.discard(spec.key)
@@ -417,13 +431,19 @@ class _Run:
         assert self.bar is not None
         self.bar.ended(row)
 
-    def _maybe_retire(self, outcome: TrialOutcome) -> None:
+    def _maybe_retire(self, outcome: TrialOutcome, config_id: str) -> None:
+        """Retire the worker if it is worn or grew; else it is free for the next trial."""
         assert self.sup is not None
-        self.trials_on[outcome.pid] += 1
-        worn = self.max_trials_per_worker is not None and self.trials_on[outcome.pid] >= self.max_trials_per_worker
+        pid = outcome.pid
+        self.trials_on[pid] += 1
+        worn = self.max_trials_per_worker is not None and self.trials_on[pid] >= self.max_trials_per_worker
         grown = self.max_worker_memory_mb is not None and outcome.rss_mb > self.max_worker_memory_mb
         if worn or grown:
-            self.sup.retire(outcome.pid)  # before the next submit: it gets no more trials
+            self.sup.retire(pid)  # before the next submit: it gets no more trials
+            self.configs_on.pop(pid, None)
+        else:
+            self.configs_on.setdefault(pid, set()).add(config_id)
+            self.free.append(pid)
 
 
 class _Bar:

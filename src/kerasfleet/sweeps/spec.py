@@ -9,6 +9,7 @@
     grid (lists or Optuna distributions) + n_trials ─ an Optuna study ─► asked one config at a time
                                                                          (see study.py)
     every config x every seed ─► TrialSpec(key, config, seed): key = hash(fn name, config, seed)
+    a worker is free ─► pick(): a config it already ran, else one nobody started, else the first
 
 Configs are JSON (str, int, float, bool, None, lists and dicts of them): they are stored as JSON
 and the key hashes their canonical JSON, so the same config is the same trial in every run.
@@ -59,6 +60,24 @@ def trials_for(fn_name: str, configs: Iterable[dict[str, Any]], seeds: Sequence[
         config_id = canonical(config)
         specs.extend(TrialSpec(trial_key(fn_name, config_id, seed), config, seed, config_id) for seed in seeds)
     return specs
+
+
+def pick(todo: Sequence[TrialSpec], warm: set[str], started: set[str]) -> int:
+    """Which queued trial a free worker runs next (an index into `todo`, which is not empty).
+
+    A trial of a config the worker already ran (`warm`: its compiled functions are cached),
+    else the first trial of a config no worker has started (it compiles once, here), else the
+    first one: an idle worker never waits for a better match.
+    """
+    fresh = None
+    for index, spec in enumerate(todo):
+        if spec.config_id in warm:
+            return index
+        if fresh is None and spec.config_id not in started:
+            fresh = index
+            if not warm:
+                break  # nothing beats a fresh config for a worker that has run nothing
+    return fresh if fresh is not None else 0
 
 
 def check_seeds(seeds: Any) -> tuple[int, ...]:
