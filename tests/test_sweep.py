@@ -121,6 +121,10 @@ def test_summary_best_and_table_math():
         result.best("accuracy")
     frame = result.to_pandas()
     assert list(frame.columns[:5]) == ["config.lr", "seed", "status", "metrics.acc", "metrics.loss"] and len(frame) == 7
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "pandas", None)  # as if it were not installed
+        with pytest.raises(ImportError, match=r"Expected pandas to be installed .*pip install pandas"):
+            result.to_pandas()
 
 
 # -- failures: a table of cases, one sweep ---------------------------------------------------------
