@@ -89,14 +89,6 @@ class Store:
             self.close()
             raise
 
-    def finished(self, keys: Iterable[str], retry_failed: bool) -> dict[str, dict[str, Any]]:
-        """The rows of `keys` a re-run skips: done ones, and the others unless `retry_failed`."""
-        rows = {}
-        for row in self.rows(keys):
-            if row["status"] == "done" or not retry_failed:
-                rows[row["key"]] = row
-        return rows
-
     def get(self, key: str) -> dict[str, Any] | None:
         found = self.rows([key])
         return found[0] if found else None
