@@ -4,6 +4,7 @@
     kerasfleet.Fleet(model)               warm workers for repeated calls and streams
     kerasfleet.Predictor(model)           low latency in this process, no retracing after warm-up
     kerasfleet.make_plan()                workers, threads, cores and GPUs it would use
+    kerasfleet.evaluate(model, x, y)      model.evaluate's dict, over the fleet; NumPy per-row scores in workers
     kerasfleet.serve(models) / Server     an HTTP server (KServe V2, TF Serving REST) with dynamic batching
     kerasfleet.sweep(fn, grid, seeds=)    every config x seed in worker processes, timeouts, SQLite, resume
 
@@ -32,6 +33,7 @@ __all__ = [
     "WorkerError",
     "WorkerStartError",
     "__version__",
+    "evaluate",
     "make_plan",
     "predict",
     "serve",
@@ -42,6 +44,7 @@ __all__ = [
 _LAZY = {
     "Fleet": ".prediction.fleet",
     "predict": ".prediction.api",
+    "evaluate": ".evaluation.evaluate",
     "Predictor": ".prediction.predictor",
     "make_plan": ".runtime.plan",
     "Server": ".serving.server",
@@ -70,6 +73,7 @@ if TYPE_CHECKING:
         WorkerError,
         WorkerStartError,
     )
+    from .evaluation.evaluate import evaluate
     from .prediction.api import predict
     from .prediction.fleet import Fleet
     from .prediction.predictor import Predictor
