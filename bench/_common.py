@@ -73,6 +73,7 @@ def matmul_rate(threads: int, m: int, k: int, n: int, seconds: float = 2.0) -> f
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, n])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what every ONNX Runtime since 1.10 reads (a newer onnx writes a newer IR)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

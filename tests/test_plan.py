@@ -129,6 +129,7 @@ def test_gpu_plan_one_worker_per_gpu_with_cores_split():
     env = worker_environment(plan.slots[2], "jax")
     assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true" and env["OMP_NUM_THREADS"] == "4"
+    assert "JAX_PLATFORMS" not in env  # a GPU worker finds its GPU
 
 
 def test_gpu_subset_and_cpu_override(monkeypatch):
@@ -140,6 +141,7 @@ def test_gpu_subset_and_cpu_override(monkeypatch):
     # environment names one.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert worker_environment(cpu.slots[0], "tensorflow")["CUDA_VISIBLE_DEVICES"] == ""
+    assert worker_environment(cpu.slots[0], "jax")["JAX_PLATFORMS"] == "cpu"
 
 
 @pytest.mark.parametrize(

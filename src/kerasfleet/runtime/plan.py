@@ -161,4 +161,8 @@ def worker_environment(slot: WorkerSlot, backend: str) -> dict[str, str]:
     # A CPU worker must not initialise (and hold) a GPU, whatever the caller's environment
     # says: on a GPU machine a CPU plan (the tuning trial's, say) would otherwise load GPU 0.
     env["CUDA_VISIBLE_DEVICES"] = slot.gpu if slot.gpu is not None else ""
+    if slot.gpu is None:
+        # With no GPU visible, a CUDA-enabled jaxlib prints a traceback per worker while it
+        # looks for one (seen on an H200 machine): JAX is told it runs on the CPU.
+        env["JAX_PLATFORMS"] = "cpu"
     return env
