@@ -153,3 +153,20 @@ def crps_quadrature(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     mu = np.asarray(y_pred, np.float64).reshape(len(y_pred), -1)[:, :1]
     cdf = 1.0 / (1.0 + np.exp(-(grid[None, :] - mu) * 2.0))
     return np.trapezoid((cdf - (grid[None, :] >= y)) ** 2, grid, axis=1)
+
+
+def body_layers(name: str) -> list[Any]:
+    """The bench MLP's or small CNN's layers up to (not including) the output layer."""
+    import keras
+
+    if name == "mlp":
+        return [keras.Input((32,)), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(256, activation="relu")]
+    return [
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(32, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(64, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(128, activation="relu"),
+    ]

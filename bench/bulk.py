@@ -54,7 +54,7 @@ if "KERASFLEET_CACHE_DIR" not in os.environ:  # spawned children inherit it: no 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import CEILING_SHAPES, flops_per_row, gemm_ceiling, joblib_task, machine_facts  # noqa: E402
+from _common import CEILING_SHAPES, body_layers, flops_per_row, gemm_ceiling, joblib_task, machine_facts  # noqa: E402
 
 WORKERS = len(os.sched_getaffinity(0))
 
@@ -63,28 +63,8 @@ def build(name):
     import keras
 
     keras.utils.set_random_seed(0)
-    if name == "mlp":
-        model = keras.Sequential(
-            [
-                keras.Input((32,)),
-                keras.layers.Dense(256, activation="relu"),
-                keras.layers.Dense(256, activation="relu"),
-                keras.layers.Dense(10),
-            ]
-        )
-    elif name == "cnn":
-        model = keras.Sequential(
-            [
-                keras.Input((32, 32, 3)),
-                keras.layers.Conv2D(32, 3, activation="relu"),
-                keras.layers.MaxPooling2D(),
-                keras.layers.Conv2D(64, 3, activation="relu"),
-                keras.layers.MaxPooling2D(),
-                keras.layers.Flatten(),
-                keras.layers.Dense(128, activation="relu"),
-                keras.layers.Dense(10),
-            ]
-        )
+    if name in ("mlp", "cnn"):
+        model = keras.Sequential([*body_layers(name), keras.layers.Dense(10)])
     else:
         model = keras.applications.MobileNetV2(input_shape=(96, 96, 3), weights=None)
     return model

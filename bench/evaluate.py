@@ -31,26 +31,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import crps_quadrature, gemm_ceiling, machine_facts  # noqa: E402
+from _common import body_layers, crps_quadrature, gemm_ceiling, machine_facts  # noqa: E402
 
 
 def build(name):
     import keras
 
     keras.utils.set_random_seed(0)
-    if name == "mlp":
-        layers = [keras.Input((32,)), keras.layers.Dense(256, activation="relu"), keras.layers.Dense(256, activation="relu")]
-    else:
-        layers = [
-            keras.Input((32, 32, 3)),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(128, activation="relu"),
-        ]
-    model = keras.Sequential([*layers, keras.layers.Dense(1)])
+    model = keras.Sequential([*body_layers(name), keras.layers.Dense(1)])
     model.compile("adam", "mse", metrics=["mae"])
     return model
 

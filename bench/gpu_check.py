@@ -26,24 +26,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import body_layers  # noqa: E402
 
 
 def build_cnn():
     import keras
 
     keras.utils.set_random_seed(0)
-    return keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(64, 3, activation="relu"),
-            keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(),
-            keras.layers.Dense(128, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
+    return keras.Sequential([*body_layers("cnn"), keras.layers.Dense(10)])
 
 
 def rate(fn, rows, seconds):
