@@ -12,7 +12,7 @@
 Imports only `runtime` below it. Nothing here imports a framework at module level.
 """
 
-from .base import Engine, Key, Outputs, OutputSpec, bucket, default_batch_size, real_dtype, row_bytes
+from .base import Engine, Key, Outputs, OutputSpec, bucket, buckets, default_batch_size, real_dtype, row_bytes
 from .registry import ENGINES, EngineConfig, build_engine
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "OutputSpec",
     "Outputs",
     "bucket",
+    "buckets",
     "build_engine",
     "default_batch_size",
     "real_dtype",

@@ -90,5 +90,11 @@ def bucket(rows: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(0, rows - 1).bit_length())
 
 
+def buckets(max_batch_size: int) -> list[int]:
+    """Every batch size `bucket` can give up to `max_batch_size`: 1, 2, 4, ... and itself."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size]
+    return sizes if sizes[-1] == max_batch_size else [*sizes, max_batch_size]
+
+
 def row_bytes(rows: tuple[tuple[tuple[int, ...], str], ...]) -> int:
     return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in rows)

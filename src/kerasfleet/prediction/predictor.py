@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..engines import Key, Outputs, build_engine
+from ..engines import Key, Outputs, buckets, build_engine
 from ..engines.model_file import resolve_model
 from ..engines.registry import EngineConfig
 from ..engines.runner import Runner
@@ -65,9 +65,7 @@ class Predictor:
                 f"Received: inputs {[s.describe() for s in specs] if specs else 'undeclared (subclassed model)'}."
             )
         self._rows = self.signature.row_specs()
-        self.buckets = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size]
-        if self.buckets[-1] != max_batch_size:
-            self.buckets.append(max_batch_size)
+        self.buckets = buckets(max_batch_size)
         try:
             self.engine_name, onnx = resolve_in_process(
                 self._file, engine=engine, backend=default_backend(), custom_objects=custom_objects, safe_mode=safe_mode

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..cache import cache_dir, locked, model_hash, write_atomic
-from ..engines import Outputs
+from ..engines import Outputs, buckets
 from ..engines.model_file import Signature
 from ..prediction import Fleet, Predictor
 from ..runtime import default_backend, usable_cpus
@@ -80,8 +80,8 @@ class InProcess:
 def _quick_rows(executor: InProcess, max_batch_size: int) -> int:
     """The largest bucket whose median run takes under `_INLINE_S` (0 if none does)."""
     quick = 0
-    for size in _buckets(max_batch_size):
-        arrays = [np.zeros((size, *shape), np.dtype(dtype)) for shape, dtype in executor.signature.row_specs()]
+    for size in buckets(max_batch_size):
+        arrays = _zeros(executor.signature, size)
         times = []
         for _ in range(7):
             started = time.perf_counter()
@@ -127,11 +127,10 @@ class OnFleet:
 
     def _warm(self, max_batch_size: int) -> None:
         """Every bucket once on every worker (round-robin dispatch spreads concurrent calls)."""
-        rows = self.signature.row_specs()
         workers = self.fleet.plan.workers
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for size in _buckets(max_batch_size):
-                arrays = [np.zeros((size, *shape), np.dtype(dtype)) for shape, dtype in rows]
+            for size in buckets(max_batch_size):
+                arrays = _zeros(self.signature, size)
                 list(pool.map(self.run, [arrays] * workers))
 
     def run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
@@ -205,7 +204,7 @@ def build_executor(spec: ModelSpec, options: ServeOptions, log: Callable[[str], 
 
 def _rows_per_s(executor: InProcess | OnFleet, rows: int) -> float:
     """Steady rows/s on full batches with every lane busy."""
-    arrays = [np.zeros((rows, *shape), np.dtype(dtype)) for shape, dtype in executor.signature.row_specs()]
+    arrays = _zeros(executor.signature, rows)
     done = [0]
     lock = threading.Lock()
     stop = time.perf_counter() + _MEASURE_S
@@ -230,6 +229,6 @@ def _choice_path(spec: ModelSpec, options: ServeOptions) -> Any:
     return cache_dir() / "serve" / f"{name}.json"
 
 
-def _buckets(max_batch_size: int) -> list[int]:
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size]
-    return sizes if sizes[-1] == max_batch_size else [*sizes, max_batch_size]
+def _zeros(signature: Signature, rows: int) -> list[np.ndarray[Any, Any]]:
+    """`rows` rows of zeros per input, in the signature's order: warm-up and timing batches."""
+    return [np.zeros((rows, *shape), np.dtype(dtype)) for shape, dtype in signature.row_specs()]
