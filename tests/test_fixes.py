@@ -168,7 +168,7 @@ def test_the_trial_measures_cpu_workers(folder, monkeypatch, tmp_path):
 
 
 # -- the package's shape --------------------------------------------------------------------
-LAYERS = {"runtime": 0, "engines": 1, "tune": 2, "prediction": 3, "serving": 4, "evaluation": 4, "sweeps": 4, "cli": 5}
+LAYERS = {"runtime": 0, "engines": 1, "tune": 2, "prediction": 3, "serving": 4, "evaluation": 4, "sweeps": 4, "training": 4, "cli": 5}
 
 
 def _imports():

@@ -7,6 +7,8 @@
     kerasfleet.evaluate(model, x, y)      model.evaluate's dict, over the fleet; NumPy per-row scores in workers
     kerasfleet.serve(models) / Server     an HTTP server (KServe V2, TF Serving REST) with dynamic batching
     kerasfleet.sweep(fn, grid, seeds=)    every config x seed in worker processes, timeouts, SQLite, resume
+    kerasfleet.Loader(dataset)            a PyDataset whose batches are made in worker processes
+    kerasfleet.data_parallel()            models built and fit inside train data-parallel (JAX, TF)
 
 Attributes load lazily: `import kerasfleet` costs milliseconds and imports no framework, and a
 spawned worker can set its thread budget before NumPy or Keras start.
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Fleet",
     "FleetClosedError",
+    "Loader",
     "FleetError",
     "InputError",
     "ModelLoadError",
@@ -33,6 +36,8 @@ __all__ = [
     "WorkerError",
     "WorkerStartError",
     "__version__",
+    "data_parallel",
+    "devices",
     "evaluate",
     "make_plan",
     "predict",
@@ -60,6 +65,9 @@ _LAZY = {
     "WorkerStartError": ".errors",
     "sweep": ".sweeps.api",
     "SweepResult": ".sweeps.results",
+    "Loader": ".training.loader",
+    "data_parallel": ".training.parallel",
+    "devices": ".training.parallel",
 }
 
 if TYPE_CHECKING:
@@ -81,6 +89,8 @@ if TYPE_CHECKING:
     from .serving.server import Server, serve
     from .sweeps.api import sweep
     from .sweeps.results import SweepResult
+    from .training.loader import Loader
+    from .training.parallel import data_parallel, devices
 
 
 def __getattr__(name: str) -> Any:
