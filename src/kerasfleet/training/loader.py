@@ -43,7 +43,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, RemoteTraceback, WorkerError
 from ..runtime import (
     REQUEUE,
     BufferSpec,
@@ -229,7 +229,17 @@ class Loader(keras.utils.PyDataset):  # type: ignore[misc]
             if "on_epoch_end" in self._hooks:
                 self._reship()
 
+    def batch_order(self, pass_: int) -> list[int]:
+        """The dataset indices pass `pass_` (0, 1, ...) over the dataset yields, in order."""
+        order = self._order(pass_)
+        return list(range(self._n)) if order is None else [int(i) for i in order]
+
     # -- lifetime ----------------------------------------------------------------------------
+    def wait_ready(self, timeout: float | None = None) -> Loader:
+        """Block until every worker has started (they start in the background); returns self."""
+        self._supervisor.wait_ready(timeout)
+        return self
+
     @property
     def workers_info(self) -> list[dict[str, Any]]:
         """pid, cores and readiness of each loader worker."""
@@ -299,6 +309,14 @@ class Loader(keras.utils.PyDataset):  # type: ignore[misc]
     def _collect(self, pending: _Pending) -> Any:
         try:
             packed = pending.future.result()
+        except WorkerError as exc:
+            self._ring.give_when_done(pending.future, pending.slot)
+            cause = exc.__cause__
+            if isinstance(cause, RemoteTraceback):
+                # Keras's traceback filter re-raises `from None` inside fit, dropping the
+                # cause: the worker's traceback goes in the message too.
+                raise type(exc)(f"{exc}\nThe worker's traceback:\n{cause.tb}") from cause
+            raise
         except BaseException:
             self._ring.give_when_done(pending.future, pending.slot)
             raise
