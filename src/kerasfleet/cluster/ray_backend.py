@@ -39,6 +39,8 @@ class RayCluster:
         return facts
 
     def plan(self, workers: int | None, threads_per_worker: int | None, devices: Any) -> tuple[Plan, tuple[str, ...]]:
+        # Over the nodes' whole capacity: actors that do not fit now (another fleet holds the
+        # cores) wait for it, up to the fleet's start_timeout, rather than share cores.
         return cluster_plan(self.nodes(), workers, threads_per_worker, devices)
 
     def spawner(self, init: WorkerInit, backend: str, nodes: tuple[str, ...]) -> Callable[[WorkerSlot], RayWorker]:

@@ -72,7 +72,8 @@ class Fault:
 
     Fires in a call whose payload covers `row` (payloads with `start`/`stop`), or with
     row "probe" in a call that compiles a new shape. kinds: kill
-    (SIGKILL), segfault, exit, raise, badpickle; with a marker path the fault fires only while
+    (SIGKILL), segfault, exit, raise, badpickle, and slow ("slow@MS": every call carrying rows
+    sleeps MS milliseconds, so a test can act while a call is running); with a marker path the fault fires only while
     that file does not exist (it is created on firing), i.e. once across restarts.
     """
 
@@ -86,6 +87,10 @@ class Fault:
 
     def maybe_fire(self, conn: Any, payload: Any) -> None:
         if self.kind is None:
+            return
+        if self.kind == "slow":  # "slow@MS": every call that carries rows sleeps MS milliseconds
+            if getattr(payload, "start", None) is not None:
+                time.sleep(self.row / 1000)
             return
         if self.row == -2:  # "kind@probe": fires while compiling a new shape
             if type(payload).__name__ != "Probe":
