@@ -17,7 +17,7 @@ import pytest
 import kerasfleet
 from conftest import HERE, assert_clean, assert_same, leftovers, load_x, load_y
 from kerasfleet.cluster.layout import NodeFacts, cluster_plan
-from kerasfleet.errors import InputError
+from kerasfleet.errors import FleetError, InputError
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(240)
@@ -55,6 +55,13 @@ def test_a_bad_cluster_is_refused_before_any_work(folder, cluster):
     with pytest.raises(InputError, match="Expected cluster"):
         kerasfleet.sweep("sweep_fns:score", {"x": [1]}, store=None, cluster=cluster)
     assert not ray.is_initialized()
+
+
+def test_an_address_where_no_ray_listens_fails_fast_with_what_to_do(folder):
+    start = time.monotonic()
+    with pytest.raises(FleetError, match=r"Expected a running Ray cluster at cluster='127.0.0.1:9'.*ray start --head"):
+        kerasfleet.Fleet(folder / "mlp.keras", engine="keras", cluster="127.0.0.1:9")
+    assert time.monotonic() - start < 10 and not ray.is_initialized()
 
 
 def test_cluster_ray_without_ray_installed_says_how_to_install_it(folder, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FleetError, InputError
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from .ray_backend import RayCluster
 
 _ADDRESS = re.compile(r"^(auto|local|ray://[\w.\-\[\]:]+(:\d+)?|[\w.\-]+:\d+)$")
+_CONNECT_TIMEOUT_S = 5.0
 _HOW = "None (this machine), 'ray' (the running Ray cluster, or a local one) or a Ray address ('host:6379', 'ray://host:10001', 'auto')"
 
 
@@ -41,6 +43,7 @@ def connect(cluster: Any) -> RayCluster:
     from .ray_backend import RayCluster
 
     if not ray.is_initialized():
+        _check_reachable(cluster)
         try:
             if cluster == "ray":
                 try:
@@ -55,3 +58,18 @@ def connect(cluster: Any) -> RayCluster:
                 "Start one with `ray start --head` (then pass 'auto' or its address), or pass cluster='ray'."
             ) from exc
     return RayCluster(ray)
+
+
+def _check_reachable(cluster: str) -> None:
+    """A TCP connect to a `host:port` address first: Ray itself retries an address where nothing
+    listens for minutes before it gives up."""
+    if cluster in ("ray", "auto", "local"):
+        return
+    host, _, port = cluster.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        raise FleetError(
+            f"Expected a running Ray cluster at cluster={cluster!r}. Received: {type(exc).__name__}: {exc}. "
+            "Check the address (`ray status` on the head node prints it), or start one with `ray start --head`."
+        ) from exc
