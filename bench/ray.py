@@ -97,6 +97,33 @@ def best(fn, rows: int, repeat: int) -> tuple[np.ndarray, float]:
     return runs[0][0], max(r for _, r in runs)
 
 
+def noop_overhead(tasks: int) -> tuple[float, float]:
+    """us per no-op task through the runtime's supervisor: 2 Ray actors vs 2 local workers."""
+    from kerasfleet.cluster import connect
+    from kerasfleet.runtime import LocalWorker, Noop, Supervisor, WorkerInit, make_plan
+
+    bare = WorkerInit("kerasfleet.runtime.worker:bare_handler", None)
+    cluster = connect("ray")
+    plan, nodes = cluster.plan(WORKERS, None, "cpu")
+    results = []
+    for spawn, slots in (
+        (cluster.spawner(bare, "jax", nodes), plan.slots),
+        (lambda slot: LocalWorker(slot, bare, {}), make_plan(WORKERS).slots),
+    ):
+        sup = Supervisor(spawn, slots)
+        try:
+            sup.wait_ready(120)
+            for f in [sup.submit(Noop()) for _ in range(200)]:
+                f.result()
+            start = time.perf_counter()
+            for f in [sup.submit(Noop()) for _ in range(tasks)]:
+                f.result()
+            results.append(1e6 * (time.perf_counter() - start) / tasks)
+        finally:
+            sup.close()
+    return results[0], results[1]
+
+
 def bench_model(name: str, rows: int, tmp: Path, repeat: int, batches: tuple[int, ...]) -> dict[str, float]:
     import keras
 
@@ -182,6 +209,13 @@ def main() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="kf-bench-ray-"))
     try:
+        try:
+            on_ray, local = noop_overhead(500 if args.quick else 5000)
+            print(
+                f"\nno-op tasks through the supervisor, {WORKERS} workers: {on_ray:.0f} us per task on Ray actors, {local:.0f} us local"
+            )
+        except Exception as exc:  # noqa: BLE001 - the models' timings still run
+            print(f"\nno-op overhead not measured: {type(exc).__name__}: {exc}")
         for name in args.models.split(","):
             bench_model(name, rows[name], tmp, 1 if args.quick else 3, (256, 1024) if args.quick else (256, 1024, 4096))
     finally:

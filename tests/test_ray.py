@@ -135,6 +135,9 @@ class TestOneNode:
         monkeypatch.delenv("KERASFLEET_FAULT")
         y = kerasfleet.predict(folder / "mlp.keras", x[:3001], batch_size=64, engine="keras", backend=BACKEND, cluster="ray")
         np.testing.assert_array_equal(y, expected[:3001])
+        y_true = expected + 0.5
+        got = kerasfleet.evaluate(folder / "mlp.keras", x, y_true, metrics=["mae"], batch_size=64, engine="keras", cluster="ray")
+        np.testing.assert_allclose(got["mae"], float(np.mean(np.abs(y_true - expected))), rtol=1e-5)
 
     def test_sweep_on_ray_actors_equals_local_with_deadlines_and_crashes(self, tmp_path):
         grid = {"mode": ["ok", "hang", "sigkill", "raise"]}

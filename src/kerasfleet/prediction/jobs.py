@@ -91,9 +91,9 @@ def load_sources(sources: Sequence[Source]) -> list[np.ndarray[Any, Any]]:
     return arrays
 
 
-def chunk_bounds(rows: int, batch: int, workers: int) -> list[tuple[int, int]]:
-    """[lo, hi) of each chunk: whole batches, at most MAX_BATCHES_PER_CHUNK, about CHUNKS_PER_WORKER per worker."""
-    per_chunk = batch * max(1, min(MAX_BATCHES_PER_CHUNK, -(-rows // (batch * workers * CHUNKS_PER_WORKER))))
+def chunk_bounds(rows: int, batch: int, workers: int, max_batches: int = MAX_BATCHES_PER_CHUNK) -> list[tuple[int, int]]:
+    """[lo, hi) of each chunk: whole batches, at most `max_batches`, about CHUNKS_PER_WORKER per worker."""
+    per_chunk = batch * max(1, min(max_batches, -(-rows // (batch * workers * CHUNKS_PER_WORKER))))
     return [(lo, min(lo + per_chunk, rows)) for lo in range(0, rows, per_chunk)]
 
 
