@@ -64,6 +64,15 @@ def test_an_address_where_no_ray_listens_fails_fast_with_what_to_do(folder):
     assert time.monotonic() - start < 10 and not ray.is_initialized()
 
 
+def test_the_cli_takes_cluster_and_refuses_a_bad_one(folder, tmp_path):
+    np.save(tmp_path / "x.npy", load_x(folder, "mlp"))
+    cmd = [sys.executable, "-m", "kerasfleet", "predict", str(folder / "mlp.keras"), str(tmp_path / "x.npy")]
+    out = subprocess.run(
+        [*cmd, "-o", str(tmp_path / "y.npy"), "--cluster", "not an address"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode != 0 and "Expected cluster to be None" in out.stderr and not (tmp_path / "y.npy").exists()
+
+
 def test_cluster_ray_without_ray_installed_says_how_to_install_it(folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(InputError, match=r"Expected the `ray` extra.*Received: .*pip install 'kerasfleet\[ray\]'"):
