@@ -168,7 +168,18 @@ def test_the_trial_measures_cpu_workers(folder, monkeypatch, tmp_path):
 
 
 # -- the package's shape --------------------------------------------------------------------
-LAYERS = {"runtime": 0, "engines": 1, "tune": 2, "prediction": 3, "serving": 4, "evaluation": 4, "sweeps": 4, "training": 4, "cli": 5}
+LAYERS = {
+    "runtime": 0,
+    "engines": 1,
+    "cluster": 1,
+    "tune": 2,
+    "prediction": 3,
+    "serving": 4,
+    "evaluation": 4,
+    "sweeps": 4,
+    "training": 4,
+    "cli": 5,
+}
 
 
 def _imports():
@@ -234,7 +245,7 @@ def test_no_private_name_is_imported_from_another_module():
 
 
 def test_import_kerasfleet_starts_no_framework():
-    code = "import sys, kerasfleet; kerasfleet.Fleet; kerasfleet.predict; print(sorted(m for m in ('keras', 'jax', 'tensorflow', 'torch', 'onnxruntime', 'uvicorn', 'starlette') if m in sys.modules))"
+    code = "import sys, kerasfleet; kerasfleet.Fleet; kerasfleet.predict; kerasfleet.evaluate; kerasfleet.sweep; print(sorted(m for m in ('keras', 'jax', 'tensorflow', 'torch', 'onnxruntime', 'uvicorn', 'starlette', 'ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=HERE)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -50,6 +50,9 @@ def main() -> None:
     show_default=True,
     help="auto: measured once per model and machine; keras: compiled Keras; onnx: ONNX Runtime (parity-checked).",
 )
+@click.option(
+    "--cluster", default=None, help="Run on a Ray cluster: 'ray' (the running one, or a local one) or its address (host:6379)."
+)
 def predict(
     model: str,
     input: str,
@@ -62,6 +65,7 @@ def predict(
     unsafe: bool,
     progress: bool | None,
     engine: str,
+    cluster: str | None,
 ) -> None:
     """Predict every row of INPUT (.npy/.npz) with MODEL (.keras/.h5) into OUTPUT."""
     from ..prediction import predict as run
@@ -83,6 +87,7 @@ def predict(
             safe_mode=not unsafe,
             progress=progress,
             engine=engine,
+            cluster=cluster,
         )
     except FleetError as exc:
         if suffix == ".npy" and "multi-output" not in str(exc) and "outputs" in str(exc):
@@ -349,6 +354,9 @@ def _json_option(text: str | None, option: str) -> Any:
 @click.option("--mode", type=click.Choice(["max", "min"]), default=None, help="Whether a higher metric is better (default max).")
 @click.option("--max-trials-per-worker", type=int, default=50, show_default=True, help="Replace a worker after this many trials.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a terminal).")
+@click.option(
+    "--cluster", default=None, help="Run on a Ray cluster: 'ray' (the running one, or a local one) or its address (host:6379)."
+)
 def sweep_command(
     fn: str,
     grid_text: str | None,

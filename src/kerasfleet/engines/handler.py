@@ -4,6 +4,10 @@
     Call(PredictRows(job, a, b))  rows [a, b) from the input buffers into the output buffers
     Call(PredictInline(key, xs))  small requests: rows travel in the message, outputs return in it
     Call(Probe(key))              prepare (compile) a shape; answer what the model returns for it
+    Call(PredictChunk(key, a, b, inputs, outputs))
+                                  rows [a, b) of a job with no shared memory (a Ray cluster):
+                                  inputs are the chunk's rows or files every node reads,
+                                  outputs are returned or written to `out=` files
     Detach(job)                   unmap
 
 The runtime imports this module inside the worker by name
@@ -49,6 +53,23 @@ class PredictInline:
 
 
 @dataclass(frozen=True)
+class PredictChunk:
+    """Rows [start, stop) without a context: for workers that share no memory with the caller.
+
+    Each input is either the chunk's own rows (an array, delivered through Ray's object store)
+    or a file `BufferSpec` covering every row, which the worker maps (storage every node reads).
+    `outputs` are `out=` file specs to write rows [start, stop) into, or None: the rows are
+    returned.
+    """
+
+    key: Key
+    start: int
+    stop: int
+    inputs: tuple[Any, ...]
+    outputs: tuple[BufferSpec, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Probe:
     key: Key
 
@@ -75,6 +96,7 @@ class EngineHandler:
             "warm_outputs": warm,
         }
         self._jobs: dict[int, _OpenJob] = {}
+        self._files: dict[BufferSpec, OpenBuffer] = {}  # files of PredictChunk jobs, mapped once
 
     def attach(self, context_id: int, payload: Any) -> None:
         self._jobs[context_id] = _OpenJob(payload)
@@ -96,9 +118,33 @@ class EngineHandler:
             arrays = outputs.empty(payload.rows)
             self.engine.predict_rows(payload.key, list(payload.arrays), arrays, 0, payload.rows)
             return arrays
+        if isinstance(payload, PredictChunk):
+            return self._chunk(payload)
         if isinstance(payload, Probe):
             return self.engine.outputs(payload.key)
-        raise TypeError(f"Expected PredictRows, PredictInline or Probe. Received: {type(payload).__name__}.")
+        raise TypeError(f"Expected PredictRows, PredictInline, PredictChunk or Probe. Received: {type(payload).__name__}.")
+
+    def _chunk(self, payload: PredictChunk) -> Any:
+        a, b = payload.start, payload.stop
+        inputs = [self._file(x).array[a:b] if isinstance(x, BufferSpec) else x for x in payload.inputs]
+        if payload.outputs is None:
+            arrays = self.engine.outputs(payload.key).empty(b - a)
+        else:
+            arrays = [self._file(o).array[a:b] for o in payload.outputs]
+        self.engine.predict_rows(payload.key, inputs, arrays, 0, b - a)
+        if payload.outputs is not None:
+            for out in arrays:
+                if isinstance(out, np.memmap):
+                    out.flush()
+            return None
+        return arrays
+
+    def _file(self, spec: BufferSpec) -> OpenBuffer:
+        if spec not in self._files:
+            if len(self._files) >= 16:  # a long-lived worker sees many jobs: keep the latest maps
+                self._files.pop(next(iter(self._files))).close()
+            self._files[spec] = OpenBuffer(spec)
+        return self._files[spec]
 
 
 def engine_handler(config: EngineConfig) -> EngineHandler:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cluster import check_cluster
 from ..errors import InputError
 from ..prediction import Fleet
 from ..prediction.progress import progress_bar
@@ -62,6 +63,7 @@ def evaluate(
     safe_mode: bool = True,
     return_scores: bool = False,
     progress: bool | None = None,
+    cluster: Any = None,
 ) -> Any:
     """Evaluate `model` on (x, y) with every core; returns `model.evaluate(..., return_dict=True)`'s dict.
 
@@ -72,10 +74,12 @@ def evaluate(
     | `metrics` | more metrics: Keras metric names or objects (this process, exact), and plain functions `f(y_true, y_pred) -> one score per row` (NumPy, run in worker processes); a dict {output name: [...]} for a multi-output model's Keras metrics |
     | `return_scores` | also return {function name: the per-row scores} |
     | `workers`, `threads_per_worker`, `batch_size`, `engine`, `backend`, `custom_objects`, `safe_mode` | as for `predict` |
+    | `cluster` | as for `predict`: the predictions run on a Ray cluster's actors; the loss, metrics and score functions stay here |
 
     A score function's result is averaged over rows (weighted by `sample_weight` when given)
     and reported under its name (`fn.__name__`; lambdas as `score_0`, `score_1`, ...).
     """
+    check_cluster(cluster)
     keras_extra, score_fns = _split_metrics(metrics)
     given_fleet = model if isinstance(model, Fleet) else None
     keras_model = _keras_model(given_fleet.model_path if given_fleet is not None else model, custom_objects, safe_mode)
@@ -103,11 +107,12 @@ def evaluate(
         custom_objects=custom_objects,
         safe_mode=safe_mode,
         engine=engine,
+        cluster=cluster,
     )
     pool: ScorePool | None = None
     try:
         if score_fns:
-            pool = ScorePool(score_fns, workers, fleet.backend)
+            pool = ScorePool(score_fns, workers if cluster is None else None, fleet.backend)  # on this machine
         window = _window_rows(xs, ys, rows)
         bounds = [(lo, min(rows, lo + window)) for lo in range(0, rows, window)]
         tracker = _Tracker(keras_model if compiled else None, keras_extra)

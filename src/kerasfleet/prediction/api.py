@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cluster import check_cluster
 from ..engines import row_bytes
 from ..engines.model_file import resolve_model
 from ..engines.onnx_engine import OnnxEngine
@@ -41,6 +42,7 @@ def predict(
     backend: str | None = None,
     safe_mode: bool = True,
     engine: str = "auto",
+    cluster: Any = None,
 ) -> Any:
     """Predict `x` with `model` on every core (or GPU); returns what `model.predict(x)` returns.
 
@@ -48,13 +50,17 @@ def predict(
     an `np.memmap` or a `.npy`/`.npz` path (memory-mapped, never read whole). With `out=` (a
     `.npy` path, or a list/dict of them) results go to disk and come back as memmaps.
     `engine`: "auto" (measured once per model and machine, then cached), "keras" or "onnx".
+    `cluster`: None (this machine), "ray" or a Ray address: the workers are Ray actors over the
+    cluster's nodes, with the same engines and results (see `kerasfleet.cluster`).
     Bad input is refused before any worker starts. For repeated calls keep a `Fleet`.
     """
     check_batch_size(batch_size)
     check_out(out)
     check_engine(engine)
     check_backend(backend)
-    make_plan(workers, threads_per_worker, devices=devices)  # refuses a bad plan before any work
+    check_cluster(cluster)
+    if cluster is None:
+        make_plan(workers, threads_per_worker, devices=devices)  # refuses a bad plan before any work
     model_file = resolve_model(model, custom_objects)
     try:
         sources = normalize_inputs(x, model_file.signature)  # refused here, before any process starts
@@ -68,12 +74,12 @@ def predict(
             "custom_objects": custom_objects,
             "safe_mode": safe_mode,
         }
-        if engine == "auto" and workers is None and threads_per_worker is None:
+        if engine == "auto" and workers is None and threads_per_worker is None and cluster is None:
             res = resolve(model_file, fleet_factory=Fleet, **options)
             nbytes = sources[0].rows * row_bytes(source_rows(sources))
             if res.plan.device == "cpu" and nbytes <= IN_PROCESS_MAX_BYTES and res.in_process_wins(sources[0].rows):
                 return _in_process(model_file, res, sources, batch_size, out, progress, custom_objects, safe_mode)
-        with Fleet(model_file, **options) as fleet:
+        with Fleet(model_file, cluster=cluster, **options) as fleet:
             return fleet.predict(x, batch_size=batch_size, out=out, progress=progress)
     finally:
         model_file.cleanup()

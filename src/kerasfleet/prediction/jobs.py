@@ -91,6 +91,12 @@ def load_sources(sources: Sequence[Source]) -> list[np.ndarray[Any, Any]]:
     return arrays
 
 
+def chunk_bounds(rows: int, batch: int, workers: int, max_batches: int = MAX_BATCHES_PER_CHUNK) -> list[tuple[int, int]]:
+    """[lo, hi) of each chunk: whole batches, at most `max_batches`, about CHUNKS_PER_WORKER per worker."""
+    per_chunk = batch * max(1, min(max_batches, -(-rows // (batch * workers * CHUNKS_PER_WORKER))))
+    return [(lo, min(lo + per_chunk, rows)) for lo in range(0, rows, per_chunk)]
+
+
 class Job:
     def __init__(
         self, key: Key, sources: Sequence[Source], workers: int, buffers: SharedBuffers, outputs: Outputs, out: Any
@@ -103,9 +109,7 @@ class Job:
         self._out_arrays: list[np.ndarray[Any, Any]] = []
         self._out_paths: list[str] | None = None
         self.done = 0  # chunks finished
-        batch = key[0]
-        per_chunk = batch * max(1, min(MAX_BATCHES_PER_CHUNK, -(-self.rows // (batch * workers * CHUNKS_PER_WORKER))))
-        self.chunks = [(lo, min(lo + per_chunk, self.rows)) for lo in range(0, self.rows, per_chunk)]
+        self.chunks = chunk_bounds(self.rows, key[0], workers)
         # In-memory inputs are copied into shared memory a chunk at a time, just before each
         # chunk is submitted, so warm workers start on the first chunk while the caller copies
         # the next ones.

@@ -72,7 +72,8 @@ class Fault:
 
     Fires in a call whose payload covers `row` (payloads with `start`/`stop`), or with
     row "probe" in a call that compiles a new shape. kinds: kill
-    (SIGKILL), segfault, exit, raise, badpickle; with a marker path the fault fires only while
+    (SIGKILL), segfault, exit, raise, badpickle, and slow ("slow@MS": every call carrying rows
+    sleeps MS milliseconds, so a test can act while a call is running); with a marker path the fault fires only while
     that file does not exist (it is created on firing), i.e. once across restarts.
     """
 
@@ -86,6 +87,10 @@ class Fault:
 
     def maybe_fire(self, conn: Any, payload: Any) -> None:
         if self.kind is None:
+            return
+        if self.kind == "slow":  # "slow@MS": every call that carries rows sleeps MS milliseconds
+            if getattr(payload, "start", None) is not None:
+                time.sleep(self.row / 1000)
             return
         if self.row == -2:  # "kind@probe": fires while compiling a new shape
             if type(payload).__name__ != "Probe":
@@ -120,6 +125,44 @@ def _builtin(payload: Any) -> Any:
     return None
 
 
+class Session:
+    """A worker's state between messages: its handler, its fault injection, the contexts that
+    failed to attach. Shared by the process loop below and by a Ray actor (`kerasfleet.cluster`),
+    so both run a message exactly the same way."""
+
+    def __init__(self, handler: TaskHandler, conn: Any = None) -> None:
+        self.handler = handler
+        self.conn = conn
+        self.fault = Fault(os.environ.get("KERASFLEET_FAULT"))
+        self.broken_contexts: dict[int, BaseException] = {}
+
+    def handle(self, msg: Any) -> Done | Failed | None:
+        """Run one message; the reply for a `Call`, None for `Attach` / `Detach`."""
+        if type(msg) is Call:
+            payload = msg.payload
+            try:
+                context = getattr(payload, "context_id", None)
+                if context is not None and context in self.broken_contexts:
+                    raise self.broken_contexts[context]
+                self.fault.maybe_fire(self.conn, payload)
+                result = _builtin(payload) if isinstance(payload, _BUILTINS) else self.handler.run(payload)
+            except Exception as exc:  # noqa: BLE001
+                return Failed(msg.task_id, remote_error(exc))
+            return Done(msg.task_id, result)
+        if type(msg) is Attach:
+            try:
+                self.handler.attach(msg.context_id, msg.payload)
+            except Exception as exc:  # noqa: BLE001 - reported by the context's calls
+                self.broken_contexts[msg.context_id] = exc
+        elif type(msg) is Detach:
+            self.broken_contexts.pop(msg.context_id, None)
+            self.handler.detach(msg.context_id)
+        return None
+
+
+_BUILTINS = (Noop, Echo, Sleep)
+
+
 def serve(conn: Any, init: WorkerInit) -> None:
     started = time.perf_counter()
     try:
@@ -128,37 +171,19 @@ def serve(conn: Any, init: WorkerInit) -> None:
         conn.send(Fatal(remote_error(exc)))
         return
     conn.send(Ready(os.getpid(), dict(handler.info), time.perf_counter() - started))
-    fault = Fault(os.environ.get("KERASFLEET_FAULT"))
-    broken_contexts: dict[int, BaseException] = {}
-    builtins = (Noop, Echo, Sleep)
+    session = Session(handler, conn)
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             return  # the caller is gone
-        if type(msg) is Call:
-            payload = msg.payload
-            try:
-                context = getattr(payload, "context_id", None)
-                if context is not None and context in broken_contexts:
-                    raise broken_contexts[context]
-                fault.maybe_fire(conn, payload)
-                result = _builtin(payload) if isinstance(payload, builtins) else handler.run(payload)
-            except Exception as exc:  # noqa: BLE001
-                conn.send(Failed(msg.task_id, remote_error(exc)))
-            else:
-                try:
-                    conn.send(Done(msg.task_id, result))
-                except (pickle.PicklingError, TypeError, AttributeError) as exc:  # a result that does not pickle
-                    conn.send(Failed(msg.task_id, remote_error(exc)))
-        elif type(msg) is Attach:
-            try:
-                handler.attach(msg.context_id, msg.payload)
-            except Exception as exc:  # noqa: BLE001 - reported by the context's calls
-                broken_contexts[msg.context_id] = exc
-        elif type(msg) is Detach:
-            broken_contexts.pop(msg.context_id, None)
-            handler.detach(msg.context_id)
-        elif type(msg) is Stop:
+        if type(msg) is Stop:
             sys.stdout.flush()
             return
+        reply = session.handle(msg)
+        if reply is None:
+            continue
+        try:
+            conn.send(reply)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:  # a result that does not pickle
+            conn.send(Failed(reply.task_id, remote_error(exc)))

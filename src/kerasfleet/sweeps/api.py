@@ -36,13 +36,26 @@ import sys
 import time
 import warnings
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..cluster import check_cluster, connect
 from ..errors import InputError, RemoteTraceback, TaskTimeoutError, WorkerCrashedError, WorkerError
 from ..prediction.fleet import check_backend
-from ..runtime import RECORD, LocalWorker, Plan, Supervisor, WorkerInit, default_backend, make_plan, worker_environment
+from ..runtime import (
+    RECORD,
+    LocalWorker,
+    Plan,
+    Supervisor,
+    WorkerHandle,
+    WorkerInit,
+    WorkerSlot,
+    default_backend,
+    make_plan,
+    worker_environment,
+)
 from ..runtime.protocol import RemoteError
 from .function import FunctionRef, check_signature, function_ref, signature_of
 from .results import SweepResult
@@ -61,6 +74,9 @@ from .spec import (
 from .store import Store
 from .study import StudySearch, is_study
 from .worker import HANDLER, HandlerConfig, RunTrial, TrialOutcome
+
+if TYPE_CHECKING:
+    from ..cluster import RayCluster
 
 # Workers are replaced after this many trials by default: long-lived framework processes grow
 # (caches, fragmentation); a restart costs one import (seconds) against minutes of trials.
@@ -91,6 +107,7 @@ def sweep(
     max_worker_memory_mb: float | None = None,
     start_timeout: float = 600.0,
     progress: bool | None = None,
+    cluster: Any = None,
 ) -> SweepResult:
     """Run `fn(**config, seed=seed)` for every config and every seed in worker processes.
 
@@ -120,6 +137,7 @@ def sweep(
     | `max_trials_per_worker`, `max_worker_memory_mb` | replace a worker after that many trials, or when its RSS after a trial exceeds that |
     | `start_timeout` | seconds a worker may take to start (import the function and Keras) |
     | `progress` | a progress bar; default on when stderr is a terminal |
+    | `cluster` | None (this machine), `"ray"` or a Ray address: trials run in Ray actors over the cluster's nodes (a GPU each where there are GPUs), with the same deadlines (the actor is killed) and the store here |
 
     Everything is checked before any process starts. Returns a `SweepResult` of this call's
     trials (also those finished by an earlier run).
@@ -134,9 +152,11 @@ def sweep(
     max_trials_per_worker = check_positive_int(max_trials_per_worker, "max_trials_per_worker")
     check_positive_int(workers, "workers")
     check_positive_int(threads_per_trial, "threads_per_trial")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # only the checks here: the plan made below warns, once
-        make_plan(workers, threads_per_trial, devices=devices)  # counts and devices, InputError
+    check_cluster(cluster)
+    if cluster is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # only the checks here: the plan made below warns, once
+            make_plan(workers, threads_per_trial, devices=devices)  # counts and devices, InputError
     if check_positive_number(start_timeout, "start_timeout") is None:
         raise InputError(f"Expected start_timeout to be a positive number. Received: start_timeout={start_timeout!r}.")
     if retry_failed and not resume:
@@ -161,8 +181,17 @@ def sweep(
         )
         pending = run.queue(specs) if specs is not None else (n_trials or 0) * len(seed_list)
         if pending:
-            plan = _plan(workers, threads_per_trial, devices, pending)
-            run.start(plan, HandlerConfig(ref, keysets), backend or default_backend(), start_timeout, progress)
+            init = WorkerInit(HANDLER, HandlerConfig(ref, keysets))
+            backend_name = backend or default_backend()
+            spawn: Callable[[WorkerSlot], WorkerHandle]
+            if cluster is not None:
+                ray_cluster = connect(cluster)
+                plan, nodes = _cluster_plan(ray_cluster, workers, threads_per_trial, devices, pending)
+                spawn = ray_cluster.spawner(init, backend_name, nodes)
+            else:
+                plan = _plan(workers, threads_per_trial, devices, pending)
+                spawn = lambda slot: LocalWorker(slot, init, worker_environment(slot, backend_name))  # noqa: E731
+            run.start(plan, spawn, start_timeout, progress)
         rows = db.rows(dict.fromkeys(run.keys))  # a config Optuna asked twice is listed once
     return SweepResult(rows, metric=metric, mode=mode, store=None if store is None else os.fspath(store))
 
@@ -220,6 +249,15 @@ def _plan(workers: int | None, threads: int | None, devices: Any, pending: int) 
             warnings.simplefilter("ignore")  # the plan below warns, once
             workers = min(make_plan(None, threads, devices=devices).workers, pending)
     return make_plan(workers, threads, devices=devices)
+
+
+def _cluster_plan(
+    cluster: RayCluster, workers: int | None, threads: int | None, devices: Any, pending: int
+) -> tuple[Plan, tuple[str, ...]]:
+    """The cluster's plan over its nodes, with no more workers than trials to run."""
+    if workers is None:
+        workers = min(cluster.plan(None, threads, devices)[0].workers, pending)
+    return cluster.plan(workers, threads, devices)
 
 
 @dataclass
@@ -337,8 +375,7 @@ class _Run:
             self.search.tell(group.number, [group.rows[k] for k in group.keys])
 
     # -- running ---------------------------------------------------------------------------------
-    def start(self, plan: Plan, config: HandlerConfig, backend: str, start_timeout: float, progress: bool) -> None:
-        init = WorkerInit(HANDLER, config)
+    def start(self, plan: Plan, spawn: Callable[[WorkerSlot], WorkerHandle], start_timeout: float, progress: bool) -> None:
         name = self.ref.name
 
         def on_fatal(error: RemoteError) -> BaseException:
@@ -352,7 +389,7 @@ class _Run:
         self.bar = _Bar(total, done_before, progress, self.metric, self.mode)
         try:
             self.sup = Supervisor(
-                lambda slot: LocalWorker(slot, init, worker_environment(slot, backend)),
+                spawn,
                 plan.slots,
                 start_timeout=start_timeout,
                 on_fatal=on_fatal,

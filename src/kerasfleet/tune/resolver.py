@@ -65,10 +65,16 @@ def resolve(
     custom_objects: dict[str, Any] | None,
     safe_mode: bool,
     fleet_factory: FleetFactory,
+    plan: Plan | None = None,
 ) -> Resolution:
-    """Engine, plan and batch size for a fleet; measures (once per model and machine) if needed."""
+    """Engine, plan and batch size for a fleet; measures (once per model and machine) if needed.
+
+    `plan`: a plan made elsewhere (a Ray cluster's, over its nodes) that "auto" keeps: only
+    the engine and batch size come from the measured plan of this machine.
+    """
     check_engine(engine)
-    plan = make_plan(workers, threads_per_worker, devices=devices)
+    given_plan = plan is not None
+    plan = plan if plan is not None else make_plan(workers, threads_per_worker, devices=devices)
     tuned = None
     if engine == "auto":
         if plan.device != "cpu" or not model.signature.fixed:
@@ -78,7 +84,7 @@ def resolve(
                 model, backend=backend, custom_objects=custom_objects, safe_mode=safe_mode, fleet_factory=fleet_factory
             )
             engine = tuned.engine
-            if workers is None and threads_per_worker is None:
+            if workers is None and threads_per_worker is None and not given_plan:
                 plan = make_plan(tuned.workers, tuned.threads_per_worker, devices=devices)
             batch_size = batch_size or tuned.batch_size
     onnx = exporting.export(model, custom_objects=custom_objects, safe_mode=safe_mode) if engine == "onnx" else None
