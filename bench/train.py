@@ -179,7 +179,11 @@ def pipelines(backend: str, batches: int):
             def __getitem__(self, i: int):
                 return base[i]
 
-        yield "torch DataLoader(num_workers=2)", lambda: torch.utils.data.DataLoader(Torch(), batch_size=None, num_workers=2), None
+        yield (
+            "torch DataLoader(num_workers=2)",
+            lambda: torch.utils.data.DataLoader(Torch(), batch_size=None, num_workers=2),
+            None,
+        )
     loader = kerasfleet.Loader(Keras()).wait_ready(300)
     yield "kerasfleet.Loader", lambda: loader, loader
 

@@ -202,7 +202,6 @@ def test_exception_names_the_batch_and_nothing_is_left():
 
 def test_unreferenced_loader_closes_itself():
     import gc
-
     import weakref
 
     model = _model()

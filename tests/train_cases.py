@@ -14,8 +14,8 @@ import keras
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-import loader_fns  # noqa: E402
 import kerasfleet  # noqa: E402
+import loader_fns  # noqa: E402
 
 backend = keras.backend.backend()
 results = {}

@@ -1,9 +1,9 @@
 """Training: a multi-process input loader for `fit`, and data-parallel training per backend.
 
-    loader.py    Loader: a keras.utils.PyDataset whose batches are made in warm workers
-    loading.py   the loader workers' side: the dataset's copy, `dataset[i]` per task
-    batches.py   a batch as a tree plus arrays, written to and read from shared memory
-    parallel.py  data_parallel() and devices(): DataParallel on JAX, MirroredStrategy on TF
+loader.py    Loader: a keras.utils.PyDataset whose batches are made in warm workers
+loading.py   the loader workers' side: the dataset's copy, `dataset[i]` per task
+batches.py   a batch as a tree plus arrays, written to and read from shared memory
+parallel.py  data_parallel() and devices(): DataParallel on JAX, MirroredStrategy on TF
 """
 
 from typing import TYPE_CHECKING, Any

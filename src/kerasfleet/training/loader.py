@@ -38,6 +38,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import keras
@@ -347,7 +348,10 @@ class Loader(keras.utils.PyDataset):  # type: ignore[misc]
         """The dataset's state changed (its epoch hook ran): workers get the new state."""
         import cloudpickle
 
-        old, self._context = self._context, Context(DatasetState(_pickle(self._dataset, cloudpickle.dumps), None), label="dataset")
+        old, self._context = (
+            self._context,
+            Context(DatasetState(_pickle(self._dataset, cloudpickle.dumps), None), label="dataset"),
+        )
         for pending in self._pending.values():
             pending.future.cancel()  # queued ones are dropped; running ones finish unread
             self._ring.give_when_done(pending.future, pending.slot)
@@ -358,7 +362,7 @@ class Loader(keras.utils.PyDataset):  # type: ignore[misc]
 
 def _keras_build_peek() -> bool:
     """Whether Keras asks from `Trainer._symbolic_build` (a look at one batch's shapes)."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(_PEEK_DEPTH):
         if frame is None:
             return False
@@ -373,9 +377,7 @@ def _resolve(dataset: Any) -> tuple[Any, DatasetState]:
     if isinstance(dataset, str):
         module, _, name = dataset.partition(":")
         if not module or not name:
-            raise InputError(
-                f"Expected a dataset object or an importable factory 'module:function'. Received: {dataset!r}."
-            )
+            raise InputError(f"Expected a dataset object or an importable factory 'module:function'. Received: {dataset!r}.")
         try:
             factory: Callable[[], Any] = load_factory(dataset)
         except (ImportError, AttributeError) as exc:

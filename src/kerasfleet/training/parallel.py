@@ -66,7 +66,7 @@ def split_cpu(count: int) -> None:
         import jax
 
         try:
-            jax.config.update("jax_num_cpu_devices", count)
+            jax.config.update("jax_num_cpu_devices", count)  # type: ignore[no-untyped-call]
         except RuntimeError:
             have = len(jax.devices("cpu"))
             if have != count:
