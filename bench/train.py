@@ -10,9 +10,11 @@
 of 64 on one core) feeding a small CNN, fed to `model.fit` by each pipeline:
 
 - no workers: the dataset itself (Keras calls `__getitem__` in its loop);
-- `PyDataset(workers=2, use_multiprocessing=True)` (Keras's own process pool, forked);
-- `tf.data.Dataset.range(n).map(tf.py_function(...), num_parallel_calls=2).prefetch` (TF only);
-- torch `DataLoader(dataset, batch_size=None, num_workers=2)` (torch only);
+- `PyDataset(workers=N, use_multiprocessing=True)` (Keras's own process pool, forked);
+- `tf.data.Dataset.range(n).map(tf.py_function(...), num_parallel_calls=N).prefetch` (TF only);
+- torch `DataLoader(dataset, batch_size=None, num_workers=N)` (torch only);
+
+(N: the usable cores, 2 on the development machine, as the Loader's default.)
 - `kerasfleet.Loader(dataset)` (workers started before the timed epochs, as a warm loader is).
 
 Epoch time is the median of epochs 2..N (the first compiles the step); the first epoch is shown
@@ -155,7 +157,8 @@ def pipelines(backend: str, batches: int):
 
     yield "batches made before (the floor: training alone)", Premade, None
     yield "no workers (PyDataset)", lambda: Keras(), None
-    yield "PyDataset(workers=2, use_multiprocessing=True)", lambda: Keras(workers=2, use_multiprocessing=True), None
+    n = len(os.sched_getaffinity(0))  # the peers get one process (or call) per core, like the Loader
+    yield f"PyDataset(workers={n}, use_multiprocessing=True)", lambda: Keras(workers=n, use_multiprocessing=True), None
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -166,9 +169,9 @@ def pipelines(backend: str, batches: int):
                 y.set_shape((None,))
                 return x, y
 
-            return tf.data.Dataset.range(len(base)).map(load, num_parallel_calls=2).prefetch(4)
+            return tf.data.Dataset.range(len(base)).map(load, num_parallel_calls=n).prefetch(4)
 
-        yield "tf.data + py_function (2 parallel calls)", tf_data, None
+        yield f"tf.data + py_function ({n} parallel calls)", tf_data, None
     if backend == "torch":
         import torch
 
