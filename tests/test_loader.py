@@ -247,6 +247,16 @@ def test_closed_loader_and_bad_index(rows_loader):
         closed[0]
 
 
+def test_data_parallel_on_one_device_sets_nothing():
+    import keras.distribution
+
+    assert kerasfleet.devices() == ["cpu:0"]  # this process's JAX: one CPU device
+    with kerasfleet.data_parallel() as strategy:
+        assert strategy is None and keras.distribution.distribution() is None
+        model = _model()
+        model.fit(np.ones((8, 6), "float32"), np.ones((8, 1), "float32"), epochs=1, verbose=0)
+
+
 def test_data_parallel_refuses_bad_devices():
     with pytest.raises(kerasfleet.InputError, match="Expected devices among"):
         with kerasfleet.data_parallel(devices=["gpu:7"]):

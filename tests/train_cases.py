@@ -46,14 +46,14 @@ def weights(model):
     return [np.asarray(w) for w in model.get_weights()]
 
 
-def fit_parity(cls, dict_inputs):
+def fit_parity(cls, dict_inputs, workers):
     ds = cls(batches=10)
     val = cls(batches=3)
     direct = dense_model(dict_inputs)
     h1 = direct.fit(ds, validation_data=val, epochs=2, shuffle=False, verbose=0)
     fleet = dense_model(dict_inputs)
     # fit's own shuffle (True by default) must not reorder what the Loader streams.
-    with kerasfleet.Loader(ds) as train, kerasfleet.Loader(val) as valid:
+    with kerasfleet.Loader(ds, workers=workers) as train, kerasfleet.Loader(val, workers=1) as valid:
         h2 = fleet.fit(train, validation_data=valid, epochs=2, verbose=0)
     return {
         "max_rel": max_rel(weights(fleet), weights(direct)),
@@ -61,8 +61,9 @@ def fit_parity(cls, dict_inputs):
     }
 
 
-results["tuple"] = fit_parity(loader_fns.Rows, False)
-results["dict"] = fit_parity(loader_fns.Dicts, True)
+# Worker starts dominate this script's time (each imports Keras and the backend): few of them.
+results["tuple"] = fit_parity(loader_fns.Rows, False, workers=2)
+results["dict"] = fit_parity(loader_fns.Dicts, True, workers=1)
 
 if backend == "torch":
     try:

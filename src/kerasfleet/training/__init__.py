@@ -22,7 +22,7 @@ def __getattr__(name: str) -> Any:
 
         return Loader
     if name in ("data_parallel", "devices"):
-        from . import parallel
+        from .parallel import data_parallel, devices
 
-        return getattr(parallel, name)
+        return {"data_parallel": data_parallel, "devices": devices}[name]
     raise AttributeError(f"module 'kerasfleet.training' has no attribute {name!r}")
