@@ -277,11 +277,15 @@ def info(
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0: every network; warns).")
 @click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: a free one, printed).")
 @click.option("--max-batch-size", type=int, default=64, show_default=True, help="Rows per merged batch.")
-@click.option("--max-delay-ms", type=float, default=2.0, show_default=True, help="Longest a request waits for others to join its batch.")
+@click.option(
+    "--max-delay-ms", type=float, default=2.0, show_default=True, help="Longest a request waits for others to join its batch."
+)
 @click.option("--max-queue", type=int, default=256, show_default=True, help="Requests waiting per model; past it: 503 at once.")
 @click.option("--timeout-s", type=float, default=30.0, show_default=True, help="Per request; past it: 504.")
 @click.option("--max-body-mb", type=float, default=64.0, show_default=True, help="Largest request body; past it: 413.")
-@click.option("--token", default=None, envvar="KERASFLEET_TOKEN", help="Bearer token every route but health needs (or $KERASFLEET_TOKEN).")
+@click.option(
+    "--token", default=None, envvar="KERASFLEET_TOKEN", help="Bearer token every route but health needs (or $KERASFLEET_TOKEN)."
+)
 @click.option("--grace-s", type=float, default=30.0, show_default=True, help="On SIGTERM/SIGINT: time for requests in flight.")
 @click.option(
     "--engine",
@@ -299,8 +303,12 @@ def info(
 )
 @click.option("--workers", type=int, default=None, help="Fleet worker processes (default: the plan's).")
 @click.option("--threads-per-worker", type=int, default=None, help="Threads per fleet worker, or of the in-process engine.")
-@click.option("--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None, help="Keras backend (default: KERAS_BACKEND).")
-@click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (runs Lambda code from the file: trusted files only).")
+@click.option(
+    "--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None, help="Keras backend (default: KERAS_BACKEND)."
+)
+@click.option(
+    "--unsafe", is_flag=True, help="Load with Keras safe_mode=False (runs Lambda code from the file: trusted files only)."
+)
 def serve(models: tuple[str, ...], backend: str | None, unsafe: bool, **options: Any) -> None:
     """Serve MODELS over HTTP (KServe V2 and TF Serving REST) with dynamic batching.
 
