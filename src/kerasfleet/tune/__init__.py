@@ -7,7 +7,8 @@
 Imports `engines` and `runtime` below it; fleets to measure are passed in by the layer above.
 """
 
-from .precision import PRECISIONS, Gate, PrecisionChoice, PrecisionRefused, cached_choices, check_precision, describe_verdict
+from ..errors import PrecisionRefused
+from .precision import PRECISIONS, Gate, PrecisionChoice, cached_choices, check_precision, describe_verdict
 from .resolver import (
     ENGINE_CHOICES,
     FP32,

@@ -42,7 +42,7 @@ from ..engines import export as exporting  # looked up at call time: tests repla
 from ..engines.export import ATOL, RTOL, OnnxModel
 from ..engines.handler import HANDLER, PredictInline
 from ..engines.model_file import ModelFile
-from ..errors import FleetError, InputError, ModelLoadError
+from ..errors import FleetError, InputError, PrecisionRefused
 from ..runtime import LocalWorker, Supervisor, WorkerInit, cpu_flags, make_plan, usable_cpus, worker_environment
 from .trial import machine_key
 
@@ -58,10 +58,6 @@ _FORMAT = 1
 # The instructions that make a precision fast on a CPU (else it is emulated, slower than fp32).
 _NEEDS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 _OV_HINT = {"bf16": "bf16", "fp16": "f16"}
-
-
-class PrecisionRefused(ModelLoadError):
-    """No reduced-precision candidate kept the answers within the gate's thresholds."""
 
 
 @dataclass(frozen=True)
