@@ -16,7 +16,8 @@ from kerasfleet.cli.main import main as cli
 from kerasfleet.engines.model_file import resolve_model
 from kerasfleet.engines.openvino_engine import EngineRefused, check_parity
 from kerasfleet.runtime import cpu_flags
-from kerasfleet.serving.options import ServeOptions
+from kerasfleet.serving.execution import InProcess
+from kerasfleet.serving.options import ModelSpec, ServeOptions
 from kerasfleet.tune import PrecisionRefused, TunedPlan, cached_choices, plan_path, resolve_in_process
 from kerasfleet.tune import precision as precision_module
 from kerasfleet.tune.precision import Gate, check_hardware
@@ -97,7 +98,7 @@ def test_auto_in_process_uses_openvino_when_the_plan_found_it_fastest(folder, mo
     assert choice.engine == "openvino" and choice.onnx is not None and choice.precision is None
 
 
-def test_int8_on_a_trained_classifier_passes_the_gate_and_is_cached(classifiers):
+def test_int8_on_a_trained_classifier_passes_the_gate_and_is_cached(classifiers, monkeypatch):
     path, x = classifiers / "classifier.keras", np.load(classifiers / "x.npy")
     expected = np.load(classifiers / "classifier.y.npy")
     with kerasfleet.Fleet(path, workers=2, precision="int8", calibration=x, backend="jax") as fleet:
@@ -115,6 +116,17 @@ def test_int8_on_a_trained_classifier_passes_the_gate_and_is_cached(classifiers)
     # Stored: the next use reads the verdict, no Keras reference runs again.
     verdicts = cached_choices(resolve_model(path), "jax")
     assert any(not v["refused"] and v["choice"]["variant"] == choice.variant for v in verdicts)
+    # The server takes the same verdict (calibration rows from a .npy file: the same rows, the same key).
+    monkeypatch.setattr(precision_module, "keras_reference", lambda *a, **k: pytest.fail("the gate ran again"))
+    options = ServeOptions(precision="int8", calibration=str(classifiers / "x.npy"), max_batch_size=64)
+    served = InProcess(ModelSpec("classifier", path), options)
+    try:
+        assert served.engine == f"{choice.engine}_int8" and choice.describe() in served.description
+        # Dynamic int8 scales activations per batch: other batch sizes give other (gated) answers.
+        rows = served.run([x[:64]])[0]
+        assert np.mean(rows.argmax(1) == expected[:64].argmax(1)) >= 0.98 and np.abs(rows - expected[:64]).max() < 0.1
+    finally:
+        served.close()
 
 
 def test_a_model_that_fails_the_gate_is_refused_with_its_numbers_never_used(classifiers, monkeypatch):
