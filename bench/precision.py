@@ -59,7 +59,14 @@ def build(name):
 
     keras.utils.set_random_seed(0)
     if name == "mobilenet":
-        return keras.applications.MobileNetV2(input_shape=SHAPES[name], alpha=0.35, weights=None, classes=CLASSES)
+        model = keras.applications.MobileNetV2(input_shape=SHAPES[name], alpha=0.35, weights=None, classes=CLASSES)
+        # A brief training: BatchNorm's moving statistics must catch up within a few dozen steps
+        # (at Keras's 0.99 they would still be half their initial values, and the model's
+        # inference outputs nearly constant).
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.8
+        return model
     return keras.Sequential([*body_layers(name), keras.layers.Dense(CLASSES, activation="softmax")])
 
 

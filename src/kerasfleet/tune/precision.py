@@ -10,7 +10,9 @@
       bf16   openvino-bf16  (OpenVINO's inference precision hint; needs AVX512_BF16 or AMX-BF16)
       fp16   openvino-fp16  (needs AVX512_FP16 or AMX-FP16)
     each: rows/s on the held-out rows (every usable core) and the gate's numbers; the fastest
-    that passes wins. None passes -> PrecisionRefused with every candidate's numbers.
+    that passes wins - unless the fp32 export runs faster still, which then runs instead (said
+    in the verdict's note and a warning). None passes -> PrecisionRefused with every
+    candidate's numbers.
 
 The gate: max and mean abs difference over every output and, for classifier-shaped outputs
 (float, one vector per row of at least 2 values), top-1 agreement. It passes when the top-1
@@ -29,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,6 +108,7 @@ class PrecisionChoice:
     gate: dict[str, Any]
     thresholds: dict[str, Any]
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    note: str = ""
 
     @property
     def onnx(self) -> OnnxModel:
@@ -117,7 +121,7 @@ class PrecisionChoice:
             f"{self.precision} as {self.variant} ({self.engine}): {self.rows_per_s:,.0f} rows/s, "
             f"{self.rows_per_s / max(self.fp32_rows_per_s, 1e-9):.2f}x the best fp32 export engine; "
             f"gate on {g['rows']} held-out rows: {top1}max abs diff {g['max_abs']:.3g}, mean abs diff {g['mean_abs']:.3g}"
-        )
+        ) + (f" ({self.note})" if self.note else "")
 
 
 def check_precision(precision: Any, engine: str) -> None:
@@ -303,9 +307,10 @@ def _measure(
         return build_engine(config)
 
     # fp32 engines on the same rows in the same run: what a reduced precision must beat.
-    fp32 = {"onnx": _rate(base("onnx", onnx.path), key, held)}
+    fp32_engines = {"onnx": base("onnx", onnx.path)}
     if ov_ok:
-        fp32["openvino"] = _rate(base("openvino", onnx.path), key, held)
+        fp32_engines["openvino"] = base("openvino", onnx.path)
+    fp32 = {name: _rate(e, key, held) for name, e in fp32_engines.items()}
     plans: list[tuple[str, str, str, str | None]] = []  # (variant, engine, ov hint, int8 file variant)
     if precision == "int8":
         if want_ort:
@@ -352,6 +357,24 @@ def _measure(
             "thresholds": thresholds,
         }
     best = max(passed, key=lambda c: c["rows_per_s"])
+    note = ""
+    fastest_fp32 = max(fp32, key=lambda k: fp32[k])
+    if best["rows_per_s"] < fp32[fastest_fp32]:
+        # Slower than exact answers: the fp32 export runs instead (never less accurate than asked).
+        note = (
+            f"no {precision} candidate beat fp32 here (best {best['variant']} at "
+            f"{best['rows_per_s'] / fp32[fastest_fp32]:.2f}x); the fp32 export runs on {fastest_fp32}"
+        )
+        exact = gate_numbers(reference, _predict(fp32_engines[fastest_fp32], key, held))
+        best = {
+            "variant": f"{fastest_fp32}-fp32",
+            "engine": fastest_fp32,
+            "file": str(onnx.path),
+            "ov_precision": "f32",
+            "rows_per_s": round(fp32[fastest_fp32], 1),
+            **exact,
+        }
+        warnings.warn(f"kerasfleet: {note}.", RuntimeWarning, stacklevel=4)
     numbers = {k: best[k] for k in ("max_abs", "mean_abs", "top1_agreement", "rows")}
     choice = PrecisionChoice(
         precision=precision,
@@ -365,6 +388,7 @@ def _measure(
         gate=numbers,
         thresholds=thresholds,
         candidates=[*({"variant": f"{k}-fp32", "engine": k, "rows_per_s": round(v, 1)} for k, v in fp32.items()), *table],
+        note=note,
     )
     return {"refused": False, "precision": precision, "choice": asdict(choice)}
 
