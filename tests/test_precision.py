@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -105,14 +106,19 @@ def test_int8_on_a_trained_classifier_passes_the_gate_and_is_cached(classifiers,
         got = fleet.predict(x, progress=False)
         choice = fleet.precision
         assert fleet.stats()["precision"] == choice.describe()
-    assert choice.precision == "int8" and choice.variant in ("ort-static", "ort-dynamic", "openvino-int8")
-    assert choice.gate["rows"] == 1024 and choice.gate["top1_agreement"] >= 0.995
+    assert choice.precision == "int8" and choice.gate["rows"] == 1024 and choice.gate["top1_agreement"] >= 0.995
     assert np.mean(got.argmax(1) == expected.argmax(1)) >= 0.995
-    assert 0 < np.abs(got - expected).max() < 0.1  # int8: close, but not fp32's answers
-    # Every candidate was measured and gated; the fastest that passed won.
+    # Every candidate was measured and gated; each passes on this trained classifier.
     gated = [c for c in choice.candidates if "passed" in c]
     assert {c["variant"] for c in gated} == {"ort-static", "ort-dynamic", "openvino-int8"}
-    assert choice.rows_per_s == max(c["rows_per_s"] for c in gated if c["passed"])
+    assert all(c["passed"] and c["top1_agreement"] >= 0.995 and 0 < c["max_abs"] < 0.1 for c in gated)
+    fastest = max(gated, key=lambda c: c["rows_per_s"])
+    fp32 = max(c["rows_per_s"] for c in choice.candidates if c["variant"].endswith("-fp32"))
+    if fastest["rows_per_s"] >= fp32:  # the fastest passing candidate runs (2.5x fp32 on the bench MLP here)
+        assert (choice.variant, choice.rows_per_s, choice.note) == (fastest["variant"], fastest["rows_per_s"], "")
+        assert 0 < np.abs(got - expected).max() < 0.1  # int8: close, but not fp32's answers
+    else:  # a noisy neighbour can make int8 lose the race: then the exact export runs, said so
+        assert choice.variant.endswith("-fp32") and "no int8 candidate beat fp32 here" in choice.note
     # Stored: the next use reads the verdict, no Keras reference runs again.
     verdicts = cached_choices(resolve_model(path), "jax")
     assert any(not v["refused"] and v["choice"]["variant"] == choice.variant for v in verdicts)
@@ -149,8 +155,18 @@ def test_a_model_that_fails_the_gate_is_refused_with_its_numbers_never_used(clas
 @pytest.mark.skipif(not {"avx512_bf16", "amx_bf16"} & cpu_flags(), reason="this CPU has no bf16 instructions")
 def test_bf16_runs_on_openvino_under_the_gate(classifiers):
     path, x = classifiers / "classifier.keras", np.load(classifiers / "x.npy")
-    predictor = kerasfleet.Predictor(path, precision="bf16", calibration=x, max_batch_size=64)
-    assert predictor.engine_name == "openvino" and predictor.precision.ov_precision == "bf16"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictor = kerasfleet.Predictor(path, precision="bf16", calibration=x, max_batch_size=64)
+    choice = predictor.precision
+    (bf16,) = [c for c in choice.candidates if c["variant"] == "openvino-bf16"]
+    assert bf16["passed"] and bf16["top1_agreement"] >= 0.995 and 0 < bf16["max_abs"] < 0.05
+    if choice.variant == "openvino-bf16":
+        assert predictor.engine_name == "openvino" and choice.ov_precision == "bf16" and not choice.note
+    else:
+        # On a model this small bf16 can lose to fp32's overheads: the fp32 export runs, said so.
+        assert choice.ov_precision == "f32" and "no bf16 candidate beat fp32 here" in choice.note
+        assert any("no bf16 candidate beat fp32" in str(w.message) for w in caught)
     expected = np.load(classifiers / "classifier.y.npy")
     got = predictor.predict(x)
     assert np.mean(got.argmax(1) == expected.argmax(1)) >= 0.995 and np.abs(got - expected).max() < 0.05
