@@ -398,6 +398,10 @@ def info(
         return
     width = max(len(k) for k in facts)
     for key, value in facts.items():
+        if key == "precision_verdicts":  # long sentences: one line each
+            for i, line in enumerate(value):
+                click.echo(f"{key.replace('_', ' ') if i == 0 else '':<{width}}  {line}")
+            continue
         click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
 
 
