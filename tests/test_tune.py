@@ -32,6 +32,11 @@ def plan(folder):
 def test_trial_measures_engines_splits_and_in_process(plan):
     kinds = {(row["where"], row["engine"], row["workers"], row["threads"]) for row in plan.table}
     assert ("in-process", "onnx", 1, 2) in kinds and ("workers", "onnx", 2, 1) in kinds and ("workers", "keras", 2, 1) in kinds
+    # OpenVINO on the same export (its parity checked) is a candidate in and out of process.
+    assert ("in-process", "openvino", 1, 2) in kinds and ("workers", "openvino", 2, 1) in kinds
+    inproc = [row for row in plan.table if row["where"] == "in-process"]
+    best = max(inproc, key=lambda row: row["rows_per_s"])
+    assert (plan.in_process_engine, plan.in_process_rows_per_s) == (best["engine"], best["rows_per_s"])
     fleets = [row for row in plan.table if row["where"] == "workers"]
     assert plan.rows_per_s == max(row["rows_per_s"] for row in fleets) > 0
     assert all(row["start_s"] > 0 for row in fleets)

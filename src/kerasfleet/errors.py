@@ -3,6 +3,7 @@
 FleetError                      anything kerasfleet raises on its own account
 ├── InputError (ValueError)     bad input, refused before any work starts
 ├── ModelLoadError              the model file is missing, corrupt, or needs custom objects
+│   └── PrecisionRefused        a reduced precision failed the accuracy gate (the numbers say by how much)
 ├── FleetClosedError            the fleet was closed (or broken) before the call
 ├── WorkerStartError            workers keep dying (or hang) while starting; their stderr is shown
 └── WorkerError                 an exception raised inside a worker (its traceback is the cause)
@@ -23,6 +24,10 @@ class InputError(FleetError, ValueError):
 
 class ModelLoadError(FleetError):
     """The model could not be loaded (missing or corrupt file, unknown custom object)."""
+
+
+class PrecisionRefused(ModelLoadError):
+    """No reduced-precision candidate kept the answers within the accuracy gate's thresholds."""
 
 
 class FleetClosedError(FleetError):

@@ -18,6 +18,41 @@ def _fail(error: BaseException) -> click.ClickException:
     return click.ClickException(str(error))
 
 
+ENGINES = ["auto", "keras", "onnx", "openvino"]
+
+
+def _precision_options(fn: Any) -> Any:
+    """--precision, --calibration and the gate's thresholds, shared by predict, serve and tune."""
+    options = [
+        click.option(
+            "--precision",
+            type=click.Choice(["fp32", "int8", "bf16", "fp16"]),
+            default="fp32",
+            show_default=True,
+            help="int8/bf16/fp16 only if the accuracy gate passes (cached per model and machine); else refused with the numbers.",
+        ),
+        click.option(
+            "--calibration",
+            type=click.Path(dir_okay=False, exists=True),
+            default=None,
+            help=".npy/.npz rows to calibrate int8 and run the gate on (predict: default the first rows of INPUT).",
+        ),
+        click.option(
+            "--max-top1-disagreement",
+            type=float,
+            default=0.005,
+            show_default=True,
+            help="Gate: largest share of rows whose top-1 class may differ from fp32 Keras.",
+        ),
+        click.option(
+            "--atol", type=float, default=None, help="Gate: largest abs difference from fp32 Keras (default: not checked)."
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kerasfleet")
 def main() -> None:
@@ -45,14 +80,15 @@ def main() -> None:
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a terminal).")
 @click.option(
     "--engine",
-    type=click.Choice(["auto", "keras", "onnx"]),
+    type=click.Choice(ENGINES),
     default="auto",
     show_default=True,
-    help="auto: measured once per model and machine; keras: compiled Keras; onnx: ONNX Runtime (parity-checked).",
+    help="auto: measured once per model and machine; keras: compiled Keras; onnx: ONNX Runtime; openvino: OpenVINO (both parity-checked).",
 )
 @click.option(
     "--cluster", default=None, help="Run on a Ray cluster: 'ray' (the running one, or a local one) or its address (host:6379)."
 )
+@_precision_options
 def predict(
     model: str,
     input: str,
@@ -66,6 +102,10 @@ def predict(
     progress: bool | None,
     engine: str,
     cluster: str | None,
+    precision: str,
+    calibration: str | None,
+    max_top1_disagreement: float,
+    atol: float | None,
 ) -> None:
     """Predict every row of INPUT (.npy/.npz) with MODEL (.keras/.h5) into OUTPUT."""
     from ..prediction import predict as run
@@ -88,6 +128,10 @@ def predict(
             progress=progress,
             engine=engine,
             cluster=cluster,
+            precision=precision,
+            calibration=calibration,
+            max_top1_disagreement=max_top1_disagreement,
+            atol=atol,
         )
     except FleetError as exc:
         if suffix == ".npy" and "multi-output" not in str(exc) and "outputs" in str(exc):
@@ -150,14 +194,41 @@ def export(model: str, output: str, unsafe: bool) -> None:
 @click.option("--seconds", type=float, default=None, help="Trial budget beyond the slowest start-up (default 8).")
 @click.option("--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None)
 @click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (trusted files only).")
-def tune(model: str, seconds: float | None, backend: str | None, unsafe: bool) -> None:
-    """Measure engines, workers x threads and batch sizes for MODEL here; store and print the plan."""
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "onnx", "openvino"]),
+    default="auto",
+    show_default=True,
+    help="With --precision: the runtimes to try.",
+)
+@_precision_options
+def tune(
+    model: str,
+    seconds: float | None,
+    backend: str | None,
+    unsafe: bool,
+    engine: str,
+    precision: str,
+    calibration: str | None,
+    max_top1_disagreement: float,
+    atol: float | None,
+) -> None:
+    """Measure engines, workers x threads and batch sizes for MODEL here; store and print the plan.
+
+    With --precision int8/bf16/fp16 and --calibration rows: measure the reduced-precision
+    candidates and run the accuracy gate instead; store and print the verdict.
+    """
     from ..engines.model_file import resolve_model
     from ..prediction import Fleet
     from ..runtime import default_backend
     from ..tune import DEFAULT_TRIAL_S, plan_path
     from ..tune import tune as run
 
+    if precision != "fp32":
+        _tune_precision(
+            model, backend or default_backend(), not unsafe, engine, precision, calibration, max_top1_disagreement, atol
+        )
+        return
     try:
         resolved = resolve_model(model)
         click.echo(f"measuring {model} (rows/s on synthetic rows of its signature):")
@@ -173,6 +244,61 @@ def tune(model: str, seconds: float | None, backend: str | None, unsafe: bool) -
         raise _fail(exc) from exc
     click.echo(f"plan: {plan.describe()}")
     click.echo(f"stored in {plan_path(resolved, backend or default_backend())}")
+    for line in _precision_lines(resolved, backend or default_backend()):
+        click.echo(line)
+
+
+def _precision_lines(model: Any, backend: str) -> list[str]:
+    """The stored reduced-precision verdicts of MODEL on this machine, one line each."""
+    from ..tune import cached_choices, describe_verdict
+
+    return [f"precision {describe_verdict(v)}" for v in cached_choices(model, backend)]
+
+
+def _tune_precision(
+    model: str,
+    backend: str,
+    safe_mode: bool,
+    engine: str,
+    precision: str,
+    calibration: str | None,
+    max_top1_disagreement: float,
+    atol: float | None,
+) -> None:
+    from ..engines.model_file import resolve_model
+    from ..prediction.calibration import precision_request
+    from ..tune import PrecisionRefused
+
+    if calibration is None:
+        raise click.BadParameter(
+            f"Expected --calibration ROWS.npy for --precision {precision}. Received: none.", param_hint="--calibration"
+        )
+    try:
+        resolved = resolve_model(model)
+        click.echo(
+            f"measuring {precision} candidates for {model} and running the accuracy gate on held-out rows of {calibration}:"
+        )
+        request = precision_request(precision, engine, resolved.signature, calibration, max_top1_disagreement, atol)
+        try:
+            choice = request.choose(resolved, engine, backend, None, safe_mode)
+        except PrecisionRefused as exc:
+            raise click.ClickException(str(exc)) from exc
+    except FleetError as exc:
+        raise _fail(exc) from exc
+    for c in choice.candidates:
+        gate = (
+            ""
+            if "max_abs" not in c
+            else f"  gate {'pass' if c['passed'] else 'FAIL'}: "
+            + (
+                (f"top-1 {c['top1_agreement']:.2%}, " if c.get("top1_agreement") is not None else "")
+                + f"max abs {c['max_abs']:.3g}, mean abs {c['mean_abs']:.3g}"
+                + (f" ({c['reason']})" if c.get("reason") else "")
+            )
+        )
+        rate = f"{c['rows_per_s']:>14,.0f} rows/s" if "rows_per_s" in c else f"{'-':>14}       "
+        click.echo(f"  {c['variant']:<16} {rate}{gate}")
+    click.echo(f"precision: {choice.describe()}")
 
 
 @main.command()
@@ -214,7 +340,7 @@ def profile(model: str, batch_sizes: str, calls: int, output: str | None, backen
 @click.option("--workers", type=int, default=None)
 @click.option("--threads-per-worker", type=int, default=None)
 @click.option("--devices", default="auto", show_default=True)
-@click.option("--engine", type=click.Choice(["auto", "keras", "onnx"]), default="auto", show_default=True)
+@click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(
     model: str | None, workers: int | None, threads_per_worker: int | None, devices: str, engine: str, as_json: bool
@@ -257,6 +383,9 @@ def info(
                         facts["workers"], facts["threads_per_worker"] = tuned_split.workers, tuned_split.threads_per_worker
                         facts["cores_per_worker"] = [list(s.cpus) for s in tuned_split.slots]
                     facts["batch_size_in_force"] = tuned.batch_size
+            verdicts = _precision_lines(resolve_model(model), default_backend())
+            if verdicts:
+                facts["precision_verdicts"] = verdicts
             if sig.inputs is None:
                 facts["inputs"] = "not declared in the file (subclassed model): checked by the workers"
             else:
@@ -274,6 +403,10 @@ def info(
         return
     width = max(len(k) for k in facts)
     for key, value in facts.items():
+        if key == "precision_verdicts":  # long sentences: one line each
+            for i, line in enumerate(value):
+                click.echo(f"{key.replace('_', ' ') if i == 0 else '':<{width}}  {line}")
+            continue
         click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
 
 
@@ -282,19 +415,24 @@ def info(
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0: every network; warns).")
 @click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: a free one, printed).")
 @click.option("--max-batch-size", type=int, default=64, show_default=True, help="Rows per merged batch.")
-@click.option("--max-delay-ms", type=float, default=2.0, show_default=True, help="Longest a request waits for others to join its batch.")
+@click.option(
+    "--max-delay-ms", type=float, default=2.0, show_default=True, help="Longest a request waits for others to join its batch."
+)
 @click.option("--max-queue", type=int, default=256, show_default=True, help="Requests waiting per model; past it: 503 at once.")
 @click.option("--timeout-s", type=float, default=30.0, show_default=True, help="Per request; past it: 504.")
 @click.option("--max-body-mb", type=float, default=64.0, show_default=True, help="Largest request body; past it: 413.")
-@click.option("--token", default=None, envvar="KERASFLEET_TOKEN", help="Bearer token every route but health needs (or $KERASFLEET_TOKEN).")
+@click.option(
+    "--token", default=None, envvar="KERASFLEET_TOKEN", help="Bearer token every route but health needs (or $KERASFLEET_TOKEN)."
+)
 @click.option("--grace-s", type=float, default=30.0, show_default=True, help="On SIGTERM/SIGINT: time for requests in flight.")
 @click.option(
     "--engine",
-    type=click.Choice(["auto", "keras", "onnx"]),
+    type=click.Choice(ENGINES),
     default="auto",
     show_default=True,
-    help="auto: the fastest verified engine for this model and machine; keras; onnx.",
+    help="auto: the fastest verified engine for this model and machine; keras; onnx; openvino.",
 )
+@_precision_options
 @click.option(
     "--execution",
     type=click.Choice(["auto", "in-process", "fleet"]),
@@ -304,8 +442,12 @@ def info(
 )
 @click.option("--workers", type=int, default=None, help="Fleet worker processes (default: the plan's).")
 @click.option("--threads-per-worker", type=int, default=None, help="Threads per fleet worker, or of the in-process engine.")
-@click.option("--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None, help="Keras backend (default: KERAS_BACKEND).")
-@click.option("--unsafe", is_flag=True, help="Load with Keras safe_mode=False (runs Lambda code from the file: trusted files only).")
+@click.option(
+    "--backend", type=click.Choice(["jax", "tensorflow", "torch"]), default=None, help="Keras backend (default: KERAS_BACKEND)."
+)
+@click.option(
+    "--unsafe", is_flag=True, help="Load with Keras safe_mode=False (runs Lambda code from the file: trusted files only)."
+)
 def serve(models: tuple[str, ...], backend: str | None, unsafe: bool, **options: Any) -> None:
     """Serve MODELS over HTTP (KServe V2 and TF Serving REST) with dynamic batching.
 

@@ -2,7 +2,7 @@
 
 In the caller's process (it imports Keras): for each batch size it times many calls of each
 path - `model.predict`, `predict_on_batch`, `model(x)`, the compiled buckets of a Keras
-`Predictor` and, when the export passes its parity check, ONNX Runtime - and measures the
+`Predictor` and, when the export passes its parity check, ONNX Runtime and OpenVINO - and measures the
 cost of the first call (tracing) and of a new batch shape (retracing). It prints a table
 (p50, p90, p99, max, rows/s), says in plain words where the variance comes from, shows the
 tuned plan (throughput per engine and workers x threads split), and writes an HTML report
@@ -20,7 +20,7 @@ import numpy as np
 
 from ..engines.model_file import resolve_model
 from ..prediction import Fleet, Predictor
-from ..tune import get_plan, synthetic_inputs
+from ..tune import cached_choices, describe_verdict, get_plan, synthetic_inputs
 
 
 def _times(fn: Any, calls: int) -> np.ndarray[Any, Any]:
@@ -77,6 +77,10 @@ def profile(
         predictors["ONNX Runtime"] = Predictor(model_path, engine="onnx", max_batch_size=biggest)
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         onnx_note = f"ONNX Runtime not profiled: {exc}"
+    try:
+        predictors["OpenVINO"] = Predictor(model_path, engine="openvino", max_batch_size=biggest)
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        onnx_note = " ".join(n for n in (onnx_note, f"OpenVINO not profiled: {exc}") if n)
     results: dict[str, dict[int, np.ndarray[Any, Any]]] = {}
     for b in batch_sizes:
         xb = rows(b)
@@ -115,6 +119,8 @@ def profile(
         + "; on a shared machine the remaining tail is scheduling noise.",
         f"kerasfleet would use: {plan.describe()}.",
     ] + ([onnx_note] if onnx_note else [])
+    # Reduced precisions measured so far (kerasfleet tune --precision, or a first use): their gate numbers.
+    words += [f"precision {describe_verdict(v)}" for v in cached_choices(model_file, backend)]
     for line in lines + [""] + words:
         echo(line)
 

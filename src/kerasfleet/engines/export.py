@@ -6,6 +6,8 @@
                                             model.export(format="onnx"), run the file in ONNX
                                             Runtime on the same batch, compare every output
     <cache>/<key>.onnx + <key>.json    ◄──── ("ok", meta) | ("refused", numbers) | ("error", ...)
+    <cache>/<key>.sample.npz           ◄──── the sample batch and Keras's outputs on it (other
+                                            runtimes reading the file are checked against it)
     <cache>/<key>.refused.json         ◄──── (a refusal is remembered: the same key never exports again)
 
 The export runs in its own process so that the caller never imports Keras or TensorFlow, and
@@ -38,7 +40,7 @@ RTOL = 1e-4
 ATOL = 1e-5
 SAMPLE_ROWS = 64
 EXPORT_TIMEOUT_S = 600.0
-_FORMAT = 1  # bump when the cached files' layout changes
+_FORMAT = 2  # bump when the cached files' layout changes
 # Whatever can change the exported graph or the parity check's verdict without changing the
 # model file. TensorFlow is installed under either name; a missing one is part of the key too.
 _TOOLS = ("keras", "tensorflow", "tensorflow-cpu", "tf2onnx", "onnx", "onnxruntime")
@@ -52,6 +54,11 @@ class ExportRefused(ModelLoadError):
 class OnnxModel:
     path: Path
     meta: dict[str, Any]
+
+    @property
+    def sample(self) -> Path:
+        """The sample batch (`in_<i>`) and Keras's outputs on it (`out_<i>`), saved by the export."""
+        return self.path.with_suffix(".sample.npz")
 
 
 def export(
@@ -151,6 +158,8 @@ def _export_and_store(
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{key}.{os.getpid()}.tmp.onnx"
     result = _run_export(ExportTask(str(model.path), str(tmp), custom_objects, model.signature, safe_mode, rtol, atol))
+    if result[0] in ("refused", "error"):
+        tmp.with_suffix(".sample.npz").unlink(missing_ok=True)
     if result[0] == "refused":
         tmp.unlink(missing_ok=True)
         # Remembered: the parity check is deterministic for a key, so running it again would
@@ -164,7 +173,8 @@ def _export_and_store(
         error.__cause__ = RemoteTraceback(result[2])
         raise error
     meta: dict[str, Any] = result[1]
-    # The .onnx first, then its meta: a reader that finds the meta finds the whole file.
+    # The .onnx and its sample first, then its meta: a reader that finds the meta finds both.
+    os.replace(tmp.with_suffix(".sample.npz"), folder / f"{key}.sample.npz")
     os.replace(tmp, folder / f"{key}.onnx")
     write_atomic(folder / f"{key}.json", json.dumps(meta, indent=1))
     return meta
@@ -301,6 +311,10 @@ def _export_in_process(
                 f"Received: output {name!r} differs by max abs {max_abs:.3g}, max relative {max_rel:.3g}. "
                 "The export is refused; use engine='keras'.",
             )
+    # Kept with the file: an engine that reads it (OpenVINO) is checked on the same batch.
+    saved: dict[str, Any] = {f"in_{i}": a for i, a in enumerate(arrays)}
+    saved.update({f"out_{i}": np.asarray(r) for i, r in enumerate(refs)})
+    np.savez(str(Path(out).with_suffix(".sample.npz")), **saved)
     meta = {
         "inputs": feed_names,
         "outputs": onnx_outputs,

@@ -4,8 +4,12 @@
 | --- | --- | --- |
 | `"keras"` | the model compiled per shape: `jax.jit`, `tf.function` or torch inference mode | the model file (or an in-memory model, in-process) |
 | `"onnx"` | ONNX Runtime on the parity-checked export; Keras is never imported | the exported `.onnx` file |
+| `"openvino"` | OpenVINO on the same export (checked against Keras once more); Keras is never imported | the exported `.onnx` file |
 
-Adding an engine (OpenVINO, int8, ...) is one entry in `ENGINES` and, if it needs an export,
+A reduced precision (`tune/precision.py`) is a file and a hint, not an engine: its int8 file
+(QDQ) runs on `"onnx"` or `"openvino"`, bf16/fp16 is OpenVINO's `ov_precision` hint.
+
+Adding an engine is one entry in `ENGINES` and, if it needs an export,
 a field in `EngineConfig`; the worker, the runner and the resolver use engines only through
 `build_engine` and the `Engine` protocol.
 """
@@ -34,6 +38,7 @@ class EngineConfig:
     onnx_path: str | None = None
     onnx_meta: dict[str, Any] | None = None
     warm_key: Key | None = None
+    ov_precision: str = "f32"  # OpenVINO's inference precision hint: "f32", "bf16" or "f16"
 
 
 def _keras(config: EngineConfig, model: Any) -> Engine:
@@ -59,7 +64,15 @@ def _onnx(config: EngineConfig, model: Any) -> Engine:
     return OnnxEngine(config.onnx_path, config.onnx_meta, threads=config.threads, gpu=gpu)
 
 
-ENGINES: dict[str, Callable[[EngineConfig, Any], Engine]] = {"keras": _keras, "onnx": _onnx}
+def _openvino(config: EngineConfig, model: Any) -> Engine:
+    from .openvino_engine import OpenVinoEngine
+
+    if config.onnx_path is None or config.onnx_meta is None:
+        raise InputError("Expected an exported ONNX file for engine='openvino'. Received: none (export first).")
+    return OpenVinoEngine(config.onnx_path, config.onnx_meta, threads=config.threads, precision=config.ov_precision)
+
+
+ENGINES: dict[str, Callable[[EngineConfig, Any], Engine]] = {"keras": _keras, "onnx": _onnx, "openvino": _openvino}
 
 
 def build_engine(config: EngineConfig, model: Any = None) -> Engine:

@@ -283,7 +283,9 @@ class _Rows:
             return np.asarray(value)  # a framework tensor
         if isinstance(value, np.ndarray):
             return value
-        raise InputError(f"Expected {self.what} as an array, a list or dict of arrays, or a .npy path. Received: {type(value).__name__}.")
+        raise InputError(
+            f"Expected {self.what} as an array, a list or dict of arrays, or a .npy path. Received: {type(value).__name__}."
+        )
 
     def window(self, lo: int, hi: int) -> Any:
         return _map(self.value, lambda a: np.asarray(a[lo:hi]))

@@ -178,7 +178,9 @@ class ScorePool:
             for lo in range(0, rows, per):
                 hi = min(rows, lo + per)
                 futures.append(
-                    self._supervisor.submit(ScoreRows(context.id, lo, hi), context=context, retry=REQUEUE, label=f"scoring rows {lo}:{hi}")
+                    self._supervisor.submit(
+                        ScoreRows(context.id, lo, hi), context=context, retry=REQUEUE, label=f"scoring rows {lo}:{hi}"
+                    )
                 )
             wait(futures)
             for f in futures:

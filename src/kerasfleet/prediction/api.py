@@ -15,9 +15,12 @@ from ..cluster import check_cluster
 from ..engines import row_bytes
 from ..engines.model_file import resolve_model
 from ..engines.onnx_engine import OnnxEngine
+from ..engines.registry import EngineConfig, build_engine
 from ..engines.runner import Runner
 from ..runtime import default_backend, make_plan
-from ..tune import Resolution, check_engine, resolve
+from ..tune import Resolution, check_engine, check_precision, resolve
+from ..tune.precision import MAX_TOP1_DISAGREEMENT, Gate
+from .calibration import InputRows
 from .fleet import Fleet, check_backend, check_batch_size
 from .inputs import Source, normalize_inputs
 from .jobs import check_out, load_sources, open_out_files, source_rows
@@ -42,6 +45,10 @@ def predict(
     backend: str | None = None,
     safe_mode: bool = True,
     engine: str = "auto",
+    precision: str = "fp32",
+    calibration: Any = None,
+    max_top1_disagreement: float = MAX_TOP1_DISAGREEMENT,
+    atol: float | None = None,
     cluster: Any = None,
 ) -> Any:
     """Predict `x` with `model` on every core (or GPU); returns what `model.predict(x)` returns.
@@ -49,7 +56,11 @@ def predict(
     `model` is a `.keras`/`.h5` path or a `keras.Model`; `x` an array, a list or dict of arrays,
     an `np.memmap` or a `.npy`/`.npz` path (memory-mapped, never read whole). With `out=` (a
     `.npy` path, or a list/dict of them) results go to disk and come back as memmaps.
-    `engine`: "auto" (measured once per model and machine, then cached), "keras" or "onnx".
+    `engine`: "auto" (measured once per model and machine, then cached), "keras", "onnx" or
+    "openvino". `precision`: "fp32" (default), or "int8" / "bf16" / "fp16" when the accuracy
+    gate passes (top-1 disagreement <= `max_top1_disagreement`, max abs diff <= `atol` if set)
+    on held-out rows of `calibration` (default: the first rows of `x`); else `PrecisionRefused`
+    with the numbers. The verdict is cached per model and machine.
     `cluster`: None (this machine), "ray" or a Ray address: the workers are Ray actors over the
     cluster's nodes, with the same engines and results (see `kerasfleet.cluster`).
     Bad input is refused before any worker starts. For repeated calls keep a `Fleet`.
@@ -57,6 +68,8 @@ def predict(
     check_batch_size(batch_size)
     check_out(out)
     check_engine(engine)
+    check_precision(precision, engine)
+    Gate(max_top1_disagreement, atol)
     check_backend(backend)
     check_cluster(cluster)
     if cluster is None:
@@ -74,7 +87,14 @@ def predict(
             "custom_objects": custom_objects,
             "safe_mode": safe_mode,
         }
-        if engine == "auto" and workers is None and threads_per_worker is None and cluster is None:
+        if precision != "fp32":
+            options.update(
+                precision=precision,
+                calibration=calibration if calibration is not None else InputRows(sources),
+                max_top1_disagreement=max_top1_disagreement,
+                atol=atol,
+            )
+        elif engine == "auto" and workers is None and threads_per_worker is None and cluster is None:
             res = resolve(model_file, fleet_factory=Fleet, **options)
             nbytes = sources[0].rows * row_bytes(source_rows(sources))
             if res.plan.device == "cpu" and nbytes <= IN_PROCESS_MAX_BYTES and res.in_process_wins(sources[0].rows):
@@ -95,12 +115,31 @@ def _in_process(
     custom_objects: Any,
     safe_mode: bool,
 ) -> Any:
-    """ONNX Runtime on every core of this process: no worker to start, same result."""
-    from ..engines.export import export
+    """The plan's in-process engine (ONNX Runtime or OpenVINO) on every core of this process:
+    no worker to start, same result."""
+    from ..tune.resolver import export_for
 
     assert res.tuned is not None
-    onnx = export(model_file, custom_objects=custom_objects, safe_mode=safe_mode)
-    runner = Runner(OnnxEngine(str(onnx.path), onnx.meta, threads=len(res.plan.usable_cpus), gpu=False))
+    engine = res.tuned.in_process_engine
+    onnx = export_for(engine, model_file, custom_objects, safe_mode)
+    assert onnx is not None
+    # ONNX Runtime built directly: the caller's CUDA_VISIBLE_DEVICES must not move a CPU plan to a GPU.
+    threads = len(res.plan.usable_cpus)
+    config = EngineConfig(
+        name=engine,
+        model_path=str(model_file.path),
+        input_structure=model_file.signature.structure,
+        input_names=None,
+        custom_objects=None,
+        modules=(),
+        safe_mode=safe_mode,
+        threads=threads,
+        onnx_path=str(onnx.path),
+        onnx_meta=onnx.meta,
+    )
+    runner = Runner(
+        OnnxEngine(str(onnx.path), onnx.meta, threads=threads, gpu=False) if engine == "onnx" else build_engine(config)
+    )
     key = (batch_size or res.tuned.in_process_batch or res.tuned.batch_size, source_rows(sources))
     outputs = runner.outputs(key)
     rows = sources[0].rows

@@ -47,7 +47,9 @@ from ..runtime import (
     worker_environment,
 )
 from ..runtime.protocol import RemoteError
-from ..tune import resolve
+from ..tune import check_precision, resolve
+from ..tune.precision import MAX_TOP1_DISAGREEMENT
+from .calibration import precision_request
 from .inputs import Source, normalize_inputs
 from .jobs import Job, check_out, chunk_bounds, load_sources, open_out_files, source_rows
 from .progress import progress_bar
@@ -112,7 +114,10 @@ class Fleet:
     | `safe_mode` | Keras safe mode when loading (no arbitrary code from lambdas); on by default |
     | `max_retries` | how often the same rows may crash a worker before the call fails |
     | `start_timeout` | seconds each worker may take to load the model and warm up |
-    | `engine` | `"auto"` (measured once per model and machine, cached), `"keras"` (compiled Keras) or `"onnx"` (exported once, parity-checked, cached) |
+    | `engine` | `"auto"` (measured once per model and machine, cached), `"keras"` (compiled Keras), `"onnx"` (exported once, parity-checked, cached) or `"openvino"` (the same export, checked again) |
+    | `precision` | `"fp32"` (default: exact), `"int8"`, `"bf16"`, `"fp16"`: used only when the accuracy gate passes on `calibration` rows (see `kerasfleet.tune.precision`), else `PrecisionRefused` with the numbers |
+    | `calibration` | rows (as for `predict`) to calibrate int8 and to run the gate on, needed the first time a reduced precision is asked for |
+    | `max_top1_disagreement`, `atol` | the gate's thresholds (0.005 and None) |
     | `cluster` | `None` (this machine), `"ray"` or a Ray address: workers are Ray actors planned per node, data goes through the object store (see `kerasfleet.cluster`) |
 
     Workers start at construction, in the background; the first call waits for them. Any
@@ -133,11 +138,21 @@ class Fleet:
         max_retries: int = 3,
         start_timeout: float = 600.0,
         engine: str = "auto",
+        precision: str = "fp32",
+        calibration: Any = None,
+        max_top1_disagreement: float = MAX_TOP1_DISAGREEMENT,
+        atol: float | None = None,
         cluster: Any = None,
     ) -> None:
         check_batch_size(batch_size)
         check_backend(backend)
+        check_precision(precision, engine)
         check_cluster(cluster)
+        if cluster is not None and precision != "fp32":
+            raise InputError(
+                f"Expected precision='fp32' with cluster={cluster!r}. Received: precision={precision!r}; a reduced "
+                "precision is chosen by measuring this machine, not yet the cluster's nodes. Drop cluster= or precision=."
+            )
         if not isinstance(max_retries, int) or max_retries < 1:
             raise InputError(f"Expected max_retries to be a positive int. Received: max_retries={max_retries!r}.")
         owned = not isinstance(model, ModelFile)
@@ -149,6 +164,7 @@ class Fleet:
         self._closed = False
         self._cluster: RayCluster | None = None
         try:
+            request = precision_request(precision, engine, self.signature, calibration, max_top1_disagreement, atol)
             cluster_plan: Plan | None = None
             nodes: tuple[str, ...] = ()
             if cluster is not None:
@@ -156,6 +172,7 @@ class Fleet:
                 cluster_plan, nodes = self._cluster.plan(workers, threads_per_worker, devices)
             res = resolve(
                 self._model,
+                precision=request,
                 engine=engine,
                 workers=workers,
                 threads_per_worker=threads_per_worker,
@@ -171,6 +188,7 @@ class Fleet:
             self.engine = res.engine
             self.tuned = res.tuned
             self.onnx = res.onnx
+            self.precision = res.precision  # the gate's verdict when precision != "fp32", else None
             self._resolution = res
             self.batch_size = res.batch_size
             warm_key: Key | None = None
@@ -190,6 +208,7 @@ class Fleet:
                 onnx_path=str(self.onnx.path) if self.onnx is not None else None,
                 onnx_meta=self.onnx.meta if self.onnx is not None else None,
                 warm_key=warm_key,
+                ov_precision=res.ov_precision,
             )
             init = WorkerInit(HANDLER, config)
             backend_name = self.backend
@@ -285,6 +304,7 @@ class Fleet:
             "tasks_done": self._supervisor.tasks_done,
             "plan": self.plan.describe(),
             "engine": self.engine,
+            "precision": self.precision.describe() if self.precision is not None else "fp32",
             "batch_size": self.batch_size,
             "backend": self.backend,
         }

@@ -8,8 +8,12 @@ to its bucket, and records every call's latency, so `stats()` can show that noth
 | engine | what runs |
 | --- | --- |
 | `"onnx"` | ONNX Runtime (export checked against Keras and cached); Keras is never imported |
+| `"openvino"` | OpenVINO on the same export (checked against Keras once more); Keras is never imported |
 | `"keras"` | the compiled Keras path of the fleet's workers, on the caller's backend |
 | `"auto"` (default) | for a model file, the resolver's in-process choice: the tuned plan's (ONNX when its export passed parity), or before any plan the parity check itself (Keras with a warning saying why otherwise); for an in-memory model, Keras, which follows further training |
+
+`precision="int8"` (or `"bf16"`, `"fp16"`) with `calibration=` rows: the fastest reduced-precision
+candidate that passes the accuracy gate (cached per model and machine), else `PrecisionRefused`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from ..engines.registry import EngineConfig
 from ..engines.runner import Runner
 from ..errors import InputError
 from ..runtime import default_backend
-from ..tune import check_engine, resolve_in_process
+from ..tune import check_engine, check_precision, resolve_in_process
+from ..tune.precision import MAX_TOP1_DISAGREEMENT
+from .calibration import precision_request
 from .inputs import normalize_inputs
 from .jobs import load_sources
 
@@ -44,18 +50,23 @@ class Predictor:
         threads: int = 1,
         custom_objects: dict[str, Any] | None = None,
         safe_mode: bool = True,
+        precision: str = "fp32",
+        calibration: Any = None,
+        max_top1_disagreement: float = MAX_TOP1_DISAGREEMENT,
+        atol: float | None = None,
     ) -> None:
         check_engine(engine)
+        check_precision(precision, engine)
         if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 1:
             raise InputError(f"Expected max_batch_size to be a positive int. Received: max_batch_size={max_batch_size!r}.")
         in_memory = None if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__") else model
-        if in_memory is not None and engine == "auto":
+        if in_memory is not None and engine == "auto" and precision == "fp32":
             # An in-memory model may be trained further: the Keras engine reads its live
             # weights at every call, where an ONNX export would be a snapshot.
             engine = "keras"
         # An in-memory model on the Keras engine runs right here: its custom classes need not
         # import in a worker (the ONNX export runs in one, so there they must).
-        self._file = resolve_model(model, custom_objects, for_workers=in_memory is None or engine == "onnx")
+        self._file = resolve_model(model, custom_objects, for_workers=in_memory is None or engine != "keras")
         self.signature = self._file.signature
         specs = self.signature.inputs
         if specs is None or not self.signature.fixed:
@@ -67,9 +78,17 @@ class Predictor:
         self._rows = self.signature.row_specs()
         self.buckets = buckets(max_batch_size)
         try:
-            self.engine_name, onnx = resolve_in_process(
-                self._file, engine=engine, backend=default_backend(), custom_objects=custom_objects, safe_mode=safe_mode
+            request = precision_request(precision, engine, self.signature, calibration, max_top1_disagreement, atol)
+            choice = resolve_in_process(
+                self._file,
+                engine=engine,
+                backend=default_backend(),
+                custom_objects=custom_objects,
+                safe_mode=safe_mode,
+                precision=request,
             )
+            self.engine_name, onnx = choice.engine, choice.onnx
+            self.precision = choice.precision  # the gate's verdict when precision != "fp32", else None
             config = EngineConfig(
                 name=self.engine_name,
                 model_path=str(self._file.path),
@@ -81,6 +100,7 @@ class Predictor:
                 threads=threads,
                 onnx_path=str(onnx.path) if onnx is not None else None,
                 onnx_meta=onnx.meta if onnx is not None else None,
+                ov_precision=choice.ov_precision,
             )
             self._runner = Runner(build_engine(config, model=in_memory if self.engine_name == "keras" else None))
             # Compiled engines take exactly their bucket's size; ONNX Runtime takes any size as is.
@@ -143,6 +163,7 @@ class Predictor:
         pct = np.percentile(ms, [50, 90, 99]) if len(ms) else [float("nan")] * 3
         return {
             "engine": self.engine_name,
+            "precision": self.precision.describe() if self.precision is not None else "fp32",
             "calls": self._calls,
             "retraces": self._runner.traces - self._warm_traces,
             "p50_ms": float(pct[0]),

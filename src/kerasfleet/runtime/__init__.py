@@ -35,6 +35,7 @@ __all__ = [
     "WorkerInit",
     "WorkerSlot",
     "available_memory",
+    "cpu_flags",
     "default_backend",
     "describe_exit",
     "make_plan",
@@ -61,6 +62,7 @@ _LAZY = {
     "WorkerInit": ".protocol",
     "WorkerSlot": ".plan",
     "available_memory": ".machine",
+    "cpu_flags": ".machine",
     "default_backend": ".machine",
     "describe_exit": ".handles",
     "make_plan": ".plan",
@@ -72,7 +74,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .buffers import BufferSpec, OpenBuffer, SharedBuffers
     from .handles import LocalWorker, WorkerHandle, describe_exit
-    from .machine import available_memory, default_backend, usable_cpus, visible_gpus
+    from .machine import available_memory, cpu_flags, default_backend, usable_cpus, visible_gpus
     from .plan import Plan, WorkerSlot, make_plan, worker_environment
     from .protocol import Echo, Noop, Sleep, WorkerInit
     from .supervisor import RECORD, REQUEUE, Context, RetryPolicy, Supervisor

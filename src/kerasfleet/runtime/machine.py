@@ -128,6 +128,23 @@ def available_memory() -> int | None:
     return available
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags from /proc/cpuinfo (empty where it cannot be read).
+
+    Reduced precisions need them: bf16 runs fast with AVX512_BF16 or AMX-BF16, fp16 with
+    AVX512_FP16 or AMX-FP16; elsewhere they would be emulated, slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def default_backend() -> str:
     """The backend the caller uses: the imported Keras's, else KERAS_BACKEND, else keras.json."""
     keras = sys.modules.get("keras")

@@ -109,7 +109,9 @@ def build_app(state: State) -> Starlette:
         limit = options.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BadRequest(f"Expected a body of at most {options.max_body_mb:g} MB (max_body_mb). Received: {declared} bytes.", 413)
+            raise BadRequest(
+                f"Expected a body of at most {options.max_body_mb:g} MB (max_body_mb). Received: {declared} bytes.", 413
+            )
         chunks = []
         size = 0
         async for chunk in request.stream():
@@ -130,7 +132,9 @@ def build_app(state: State) -> Starlette:
         except zlib.error as exc:
             raise BadRequest(f"Expected a valid {encoding} body. Received: {exc}.") from None
         if len(plain) > limit or decoder.unconsumed_tail:
-            raise BadRequest(f"Expected a body of at most {options.max_body_mb:g} MB (max_body_mb) once decompressed. Received: more.", 413)
+            raise BadRequest(
+                f"Expected a body of at most {options.max_body_mb:g} MB (max_body_mb) once decompressed. Received: more.", 413
+            )
         if not decoder.eof or decoder.unused_data:
             raise BadRequest(f"Expected one whole {encoding} stream as the body. Received: a truncated stream or bytes after it.")
         return plain
@@ -194,7 +198,10 @@ def build_app(state: State) -> Starlette:
             if hasattr(task, "uncancel"):  # Python 3.11+: the task goes on, not cancelled
                 task.uncancel()
             m.failed("timeout")
-            return error(504, f"Expected an answer within timeout_s={options.timeout_s:g} s. Received: none in time; the request was dropped.")
+            return error(
+                504,
+                f"Expected an answer within timeout_s={options.timeout_s:g} s. Received: none in time; the request was dropped.",
+            )
         except BadRequest as exc:
             m.failed("bad_request")
             return error(exc.status, str(exc))
@@ -203,7 +210,11 @@ def build_app(state: State) -> Starlette:
             return overloaded(served)
         except ShuttingDown:
             m.failed("unavailable")
-            return error(503, "Expected a running server. Received: a request queued while it shut down.", **{"Retry-After": _RETRY_AFTER_S})
+            return error(
+                503,
+                "Expected a running server. Received: a request queued while it shut down.",
+                **{"Retry-After": _RETRY_AFTER_S},
+            )
         except Exception as exc:  # noqa: BLE001 - the model failed on this batch: say so, keep serving
             m.failed("error")
             return error(500, f"The model failed on this request's batch: {type(exc).__name__}: {exc}")
@@ -234,7 +245,10 @@ def build_app(state: State) -> Starlette:
             request,
             tfserving.parse_predict,
             lambda parsed: parsed[0],
-            lambda view, parsed, outputs: (tfserving.encode_predict(view, outputs, parsed[1]), {"content-type": "application/json"}),
+            lambda view, parsed, outputs: (
+                tfserving.encode_predict(view, outputs, parsed[1]),
+                {"content-type": "application/json"},
+            ),
         )
 
     async def live(request: Request) -> Response:
@@ -255,7 +269,9 @@ def build_app(state: State) -> Starlette:
         if isinstance(served, Response):
             return served
         if served.view is None:
-            return error(503, f"Expected a loaded model. Received: {served.spec.name!r} is loading.", **{"Retry-After": _RETRY_AFTER_S})
+            return error(
+                503, f"Expected a loaded model. Received: {served.spec.name!r} is loading.", **{"Retry-After": _RETRY_AFTER_S}
+            )
         return json(kserve.model_metadata(served.view))
 
     async def model_ready(request: Request) -> Response:
@@ -306,10 +322,13 @@ def build_app(state: State) -> Starlette:
         Route("/v1/models/{name}/versions/{version}:predict", v1_predict, methods=["POST"]),
         Route("/metrics", metrics),
     ]
+
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
         if status == 405:
             return error(405, f"Expected another method for {request.url.path}. Received: {request.method}.")
-        return error(status, f"Expected a route of the KServe V2 or TF Serving REST API (see GET /v2). Received: {request.url.path}.")
+        return error(
+            status, f"Expected a route of the KServe V2 or TF Serving REST API (see GET /v2). Received: {request.url.path}."
+        )
 
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: http_error, 405: http_error})

@@ -57,6 +57,10 @@ class InProcess:
         self.predictor = Predictor(
             spec.path,
             engine=options.engine,
+            precision=options.precision,
+            calibration=options.calibration,
+            max_top1_disagreement=options.max_top1_disagreement,
+            atol=options.atol,
             max_batch_size=options.max_batch_size,
             threads=options.threads_per_worker or in_process_threads(),
             custom_objects=options.custom_objects,
@@ -66,7 +70,13 @@ class InProcess:
         self.outputs: Outputs = self.predictor.outputs
         self.engine = self.predictor.engine_name
         self.inline_rows = _quick_rows(self, options.max_batch_size)
-        self.description = f"in-process {self.engine}" + (f" (batches up to {self.inline_rows} rows on the event loop)" if self.inline_rows else "")
+        if self.predictor.precision is not None:
+            self.engine = f"{self.engine}_{self.predictor.precision.precision}"
+        self.description = f"in-process {self.engine}" + (
+            f" (batches up to {self.inline_rows} rows on the event loop)" if self.inline_rows else ""
+        )
+        if self.predictor.precision is not None:
+            self.description += f"; {self.predictor.precision.describe()}"
 
     def run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
         return self.predictor.predict_arrays(arrays)
@@ -109,12 +119,20 @@ class OnFleet:
             custom_objects=options.custom_objects,
             safe_mode=options.safe_mode,
             engine=options.engine,
+            precision=options.precision,
+            calibration=options.calibration,
+            max_top1_disagreement=options.max_top1_disagreement,
+            atol=options.atol,
         )
         try:
             self.signature = self.fleet.signature
             self.engine = self.fleet.engine
             self.lanes = 2 * self.fleet.plan.workers
+            if self.fleet.precision is not None:
+                self.engine = f"{self.engine}_{self.fleet.precision.precision}"
             self.description = f"fleet of {self.fleet.plan.describe()}, engine {self.engine}"
+            if self.fleet.precision is not None:
+                self.description += f"; {self.fleet.precision.describe()}"
             self.fleet.wait_ready()
             self.outputs = self.fleet.outputs(options.max_batch_size, options.max_batch_size)
             self._structure = self.signature.structure
@@ -175,7 +193,9 @@ def build_executor(spec: ModelSpec, options: ServeOptions, log: Callable[[str], 
         ex = OnFleet(spec, options) if execution == "fleet" else InProcess(spec, options)
         return Choice(ex, ex.signature, ex.engine, f"{why}; remembered from {path}")
     with locked(path):
-        log(f"{spec.name}: measuring in-process and fleet execution on {options.max_batch_size}-row batches (once per model and machine)")
+        log(
+            f"{spec.name}: measuring in-process and fleet execution on {options.max_batch_size}-row batches (once per model and machine)"
+        )
         inproc = InProcess(spec, options)
         in_rate = _rows_per_s(inproc, options.max_batch_size)
         try:
@@ -225,6 +245,8 @@ def _rows_per_s(executor: InProcess | OnFleet, rows: int) -> float:
 def _choice_path(spec: ModelSpec, options: ServeOptions) -> Any:
     backend = options.backend or default_backend()
     parts = [options.engine, options.max_batch_size, options.workers, options.threads_per_worker]
+    if options.precision != "fp32":  # fp32 keeps the names it always had: remembered choices stay valid
+        parts += [options.precision, options.max_top1_disagreement, options.atol]
     name = f"{model_hash(spec.path)}-{machine_key(backend)}-" + "-".join(str(p) for p in parts)
     return cache_dir() / "serve" / f"{name}.json"
 

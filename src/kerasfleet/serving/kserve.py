@@ -184,4 +184,3 @@ def _kind(value: Any) -> str:
     if isinstance(value, list):
         return f"a list of {len(value)}"
     return f"{type(value).__name__} {str(value)[:40]!r}"
-

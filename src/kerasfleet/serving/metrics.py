@@ -51,7 +51,9 @@ class Metrics:
         self.compute_us = counter("nv_inference_compute_infer_duration_us", "Cumulative batch compute time (us)")
         self.pending = Gauge("nv_inference_pending_request_count", "Requests waiting for a batch", _LABELS, registry=r)
         self.in_flight = Gauge("kerasfleet_requests_in_flight", "Requests received and not yet answered", _LABELS, registry=r)
-        self.queue_s = Histogram("kerasfleet_queue_seconds", "Time a request waited for its batch", _LABELS, buckets=_SECONDS, registry=r)
+        self.queue_s = Histogram(
+            "kerasfleet_queue_seconds", "Time a request waited for its batch", _LABELS, buckets=_SECONDS, registry=r
+        )
         self.compute_s = Histogram("kerasfleet_compute_seconds", "Time running one batch", _LABELS, buckets=_SECONDS, registry=r)
         self.batch_rows = Histogram("kerasfleet_batch_rows", "Rows per batch", _LABELS, buckets=_ROWS, registry=r)
 

@@ -11,7 +11,10 @@
 | `max_body_mb` | `64.0` | request bodies larger than this (also once gzip/deflate-decoded) get 413, before they are read when Content-Length says so |
 | `token` | `None` | when set, every route but the health checks needs `Authorization: Bearer <token>` |
 | `grace_s` | `30.0` | on SIGTERM/SIGINT or `stop()`: how long in-flight requests may take to finish |
-| `engine` | `"auto"` | `auto`, `keras` or `onnx`, as for `predict` |
+| `engine` | `"auto"` | `auto`, `keras`, `onnx` or `openvino`, as for `predict` |
+| `precision` | `"fp32"` | `int8`, `bf16`, `fp16`: used only if the accuracy gate passes on `calibration` rows (cached per model and machine); else the model does not load |
+| `calibration` | `None` | rows for the first reduced-precision use: an array, or a `.npy`/`.npz` path |
+| `max_top1_disagreement`, `atol` | `0.005`, `None` | the accuracy gate's thresholds |
 | `execution` | `"auto"` | `in-process` (one engine in the server), `fleet` (worker processes) or `auto`: measured at start, remembered per model and machine |
 | `workers`, `threads_per_worker` | `None` | the fleet's plan, or the in-process engine's threads |
 | `backend`, `custom_objects`, `safe_mode` | | as for `predict` |
@@ -48,6 +51,10 @@ class ServeOptions:
     token: str | None = None
     grace_s: float = 30.0
     engine: str = "auto"
+    precision: str = "fp32"
+    calibration: Any = None
+    max_top1_disagreement: float = 0.005
+    atol: float | None = None
     execution: str = "auto"
     workers: int | None = None
     threads_per_worker: int | None = None
@@ -70,6 +77,10 @@ class ServeOptions:
             _positive_int("workers", self.workers)
         if self.threads_per_worker is not None:
             _positive_int("threads_per_worker", self.threads_per_worker)
+        from ..tune import Gate, check_precision
+
+        check_precision(self.precision, self.engine)
+        Gate(self.max_top1_disagreement, self.atol)
         if self.execution not in EXECUTIONS:
             raise InputError(f"Expected execution to be one of {list(EXECUTIONS)}. Received: execution={self.execution!r}.")
         if self.token is not None and (not isinstance(self.token, str) or not self.token):
@@ -108,7 +119,7 @@ def parse_models(models: Any) -> list[ModelSpec]:
         items = [_split(m) for m in models]
     else:
         raise InputError(
-            "Expected models as a path, 'name=path', a list of those, or a dict {name: path}. " f"Received: {models!r}."
+            f"Expected models as a path, 'name=path', a list of those, or a dict {{name: path}}. Received: {models!r}."
         )
     specs: list[ModelSpec] = []
     for name, path in items:

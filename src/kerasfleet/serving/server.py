@@ -47,7 +47,7 @@ class Server:
 
     `models` is a path, `"name=path"`, a list of those or a dict {name: path}; the options are
     `ServeOptions`' (host, port, max_batch_size, max_delay_ms, max_queue, timeout_s,
-    max_body_mb, token, grace_s, engine, execution, workers, threads_per_worker, backend,
+    max_body_mb, token, grace_s, engine, precision, calibration, max_top1_disagreement, atol, execution, workers, threads_per_worker, backend,
     custom_objects, safe_mode). `start()` returns once every model is ready, or raises why one
     could not load.
     """

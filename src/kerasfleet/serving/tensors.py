@@ -71,7 +71,8 @@ class ModelView:
     @classmethod
     def of(cls, name: str, signature: Signature, outputs: Outputs, platform: str) -> ModelView:
         ins = tuple(
-            Tensor(spec.name, shape, np.dtype(dtype)) for spec, (shape, dtype) in zip(signature.inputs or (), signature.row_specs())
+            Tensor(spec.name, shape, np.dtype(dtype))
+            for spec, (shape, dtype) in zip(signature.inputs or (), signature.row_specs())
         )
         outs = tuple(Tensor(o.name, tuple(o.shape), np.dtype(o.dtype)) for o in outputs.specs)
         return cls(name, ins, outs, platform)
@@ -107,7 +108,9 @@ def from_json(value: Any, tensor: Tensor, shape: tuple[int, ...] | None = None) 
         raise BadRequest(f"Expected numbers for input {tensor.describe()}. Received: {got}.")
     if (want.kind == "b") != (array.dtype.kind == "b"):
         got = "true/false values" if array.dtype.kind == "b" else f"{array.dtype.name} values"
-        raise BadRequest(f"Expected {'true/false' if want.kind == 'b' else 'numeric'} values for input {tensor.describe()}. Received: {got}.")
+        raise BadRequest(
+            f"Expected {'true/false' if want.kind == 'b' else 'numeric'} values for input {tensor.describe()}. Received: {got}."
+        )
     if want.kind in "iu":
         if array.dtype.kind == "f" and (not np.all(np.isfinite(array)) or not np.all(array == np.round(array))):
             raise BadRequest(f"Expected integers for input {tensor.describe()}. Received: fractional or non-finite values.")
@@ -128,7 +131,9 @@ def from_json(value: Any, tensor: Tensor, shape: tuple[int, ...] | None = None) 
         converted = array.astype(want, copy=False)
     if want.kind == "f" and array.dtype.kind in "iuf" and array.size:
         if not np.all(np.isfinite(converted)) and np.all(np.isfinite(array.astype(np.float64))):
-            raise BadRequest(f"Expected values that fit {tensor.datatype} for input {tensor.describe()}. Received: values beyond its range.")
+            raise BadRequest(
+                f"Expected values that fit {tensor.datatype} for input {tensor.describe()}. Received: values beyond its range."
+            )
     check_rows(converted, tensor)
     return converted
 

@@ -28,8 +28,10 @@ def parse_predict(body: bytes, model: ModelView) -> tuple[list[np.ndarray[Any, A
     if request.get("signature_name") not in SIGNATURES:
         raise BadRequest(f"Expected signature_name 'serving_default' (or none). Received: {request.get('signature_name')!r}.")
     if ("instances" in request) == ("inputs" in request):
-        raise BadRequest('Expected exactly one of "instances" (row format) or "inputs" (columnar format). Received: '
-                         + ("both." if "inputs" in request else f"keys {sorted(request)}."))
+        raise BadRequest(
+            'Expected exactly one of "instances" (row format) or "inputs" (columnar format). Received: '
+            + ("both." if "inputs" in request else f"keys {sorted(request)}.")
+        )
     if "instances" in request:
         arrays = _rows(request["instances"], model)
         fmt = "row"
@@ -46,7 +48,7 @@ def _rows(instances: Any, model: ModelView) -> list[np.ndarray[Any, Any]]:
     named = all(isinstance(row, dict) for row in instances)
     if len(model.inputs) > 1 and not named:
         raise BadRequest(
-            f'Expected each instance as an object {{input name: value}} for inputs {[t.name for t in model.inputs]}. '
+            f"Expected each instance as an object {{input name: value}} for inputs {[t.name for t in model.inputs]}. "
             "Received: instances that are not all objects."
         )
     if not named:
@@ -56,7 +58,9 @@ def _rows(instances: Any, model: ModelView) -> list[np.ndarray[Any, Any]]:
         try:
             column = [row[tensor.name] for row in instances]
         except KeyError:
-            raise BadRequest(f"Expected every instance to have input {tensor.name!r}. Received: an instance without it.") from None
+            raise BadRequest(
+                f"Expected every instance to have input {tensor.name!r}. Received: an instance without it."
+            ) from None
         arrays.append(from_json(column, tensor))
     _no_unknown({k for row in instances for k in row}, model)
     return arrays
@@ -70,8 +74,10 @@ def _columns(inputs: Any, model: ModelView) -> list[np.ndarray[Any, Any]]:
             raise BadRequest(f"Expected inputs {[t.name for t in model.inputs]}. Received: no {missing}.")
         return [from_json(inputs[t.name], t) for t in model.inputs]
     if len(model.inputs) > 1:
-        raise BadRequest(f'Expected "inputs" as an object {{name: tensor}} for inputs {[t.name for t in model.inputs]}. '
-                         f"Received: {_short(inputs)}.")
+        raise BadRequest(
+            f'Expected "inputs" as an object {{name: tensor}} for inputs {[t.name for t in model.inputs]}. '
+            f"Received: {_short(inputs)}."
+        )
     return [from_json(inputs, model.inputs[0])]
 
 
@@ -99,5 +105,7 @@ def model_status(ready: bool) -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
-    text = orjson.dumps(value).decode() if isinstance(value, (list, dict, str, int, float, bool)) or value is None else repr(value)
+    text = (
+        orjson.dumps(value).decode() if isinstance(value, (list, dict, str, int, float, bool)) or value is None else repr(value)
+    )
     return text if len(text) <= 60 else text[:57] + "..."

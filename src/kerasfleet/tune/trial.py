@@ -4,11 +4,13 @@ The trial measures real configurations on synthetic rows of the model's own sign
 
 - ONNX Runtime in the caller's process on every core (no workers at all);
 - fleets of ONNX workers (cores x 1 thread, 1 x cores) at two batch sizes;
+- OpenVINO on the same export (when installed and its parity check passes), in the caller's
+  process and as a fleet of cores x 1 thread;
 - a fleet of compiled-Keras workers (cores x 1 thread).
 
 A configuration's steady rate (rows/s) and its start-up time are recorded; the fastest fleet
-wins, and the in-process rate lets a one-shot call skip starting workers when that is faster
-for its row count. ONNX takes part only if its export passed the parity check (else the
+wins, and the best in-process rate (ONNX Runtime or OpenVINO) lets a one-shot call skip
+starting workers when that is faster for its row count. ONNX takes part only if its export passed the parity check (else the
 reason is kept in the plan and a warning says it). The plan is JSON in the user cache
 (`$KERASFLEET_CACHE_DIR` or `~/.cache/kerasfleet/plans`), keyed by the model file's hash and
 the machine (usable cores, CPU model, backend, library versions), and reused from then on.
@@ -53,7 +55,7 @@ class FleetLike(Protocol):
 FleetFactory = Callable[..., FleetLike]
 
 DEFAULT_TRIAL_S = 8.0
-_PLAN_FORMAT = 1
+_PLAN_FORMAT = 2
 _TIMED_RUN_S = 0.3  # each measurement times about this long, after a warm-up call
 _MAX_TRIAL_BYTES = 64 << 20
 
@@ -71,6 +73,7 @@ class TunedPlan:
     note: str = ""
     table: list[dict[str, Any]] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
+    in_process_engine: str = "onnx"
 
     def use_in_process(self, rows: int) -> bool:
         """True when ONNX Runtime in the caller finishes `rows` before a fleet would."""
@@ -81,7 +84,7 @@ class TunedPlan:
     def describe(self) -> str:
         text = f"engine {self.engine}, {self.workers} worker(s) x {self.threads_per_worker} thread(s), batch {self.batch_size}, {self.rows_per_s:,.0f} rows/s"
         if self.in_process_rows_per_s:
-            text += f"; in-process ONNX {self.in_process_rows_per_s:,.0f} rows/s, used by one-shot calls "
+            text += f"; in-process {self.in_process_engine} {self.in_process_rows_per_s:,.0f} rows/s, used by one-shot calls "
             if self.in_process_rows_per_s < self.rows_per_s:
                 crossover = self.start_s / (1 / self.in_process_rows_per_s - 1 / self.rows_per_s)
                 text += f"below {crossover:,.0f} rows"
@@ -103,7 +106,7 @@ def machine_facts(backend: str) -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for package in ("keras", "jax", "tensorflow", "tensorflow-cpu", "onnxruntime", "numpy", "kerasfleet"):
+    for package in ("keras", "jax", "tensorflow", "tensorflow-cpu", "onnxruntime", "openvino", "numpy", "kerasfleet"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -194,6 +197,20 @@ def _timed_rates(run: Any, signature: Signature, batches: list[int], workers: in
     return {batch: rows / seconds for batch, seconds in best.items()}
 
 
+def _openvino_checked(onnx: Any) -> str:
+    """ "" when OpenVINO is installed and matches Keras on the export's sample, else why not."""
+    from ..engines.export import ATOL, RTOL
+    from ..engines.openvino_engine import check_parity, openvino_version
+
+    if openvino_version() is None:
+        return "OpenVINO not measured: not installed (pip install 'kerasfleet[openvino]')"
+    try:
+        check_parity(onnx.path, onnx.meta, onnx.sample, rtol=RTOL, atol=ATOL)
+    except FleetError as exc:
+        return f"OpenVINO not used: {exc}"
+    return ""
+
+
 def tune(
     model: ModelFile,
     *,
@@ -277,6 +294,22 @@ def tune(
         fleet_candidate("onnx", wide, 1, sorted({b_onnx, min(4096, b_onnx * 4)}))
         if cores > 1 and time.perf_counter() - began < seconds:
             fleet_candidate("onnx", 1, cores, [b_onnx])
+        ov_note = _openvino_checked(onnx)
+        if ov_note:
+            note = "; ".join(n for n in (note, ov_note) if n)
+        else:
+            from ..engines.openvino_engine import OpenVinoEngine
+
+            ov_runner = Runner(OpenVinoEngine(str(onnx.path), onnx.meta, threads=cores))
+
+            def ov_in_process(x: Any, batch: int) -> None:
+                arrays = [x] if not isinstance(x, (dict, list)) else list(x.values()) if isinstance(x, dict) else x
+                ov_runner.predict((batch, rows_key), arrays)
+
+            for batch, rate in _timed_rates(ov_in_process, signature, sorted({b_onnx, min(4096, b_onnx * 4)})).items():
+                record("in-process", "openvino", 1, cores, batch, rate, 0.0)
+            del ov_runner
+            fleet_candidate("openvino", wide, 1, [b_onnx])
     fleet_candidate("keras", wide, 1, [default_batch_size(one_row, "cpu", "keras")])
 
     fleets = [r for r in table if r["where"] == "workers"]
@@ -294,6 +327,7 @@ def tune(
         note=note,
         table=table,
         machine=machine_facts(backend),
+        in_process_engine=inproc["engine"] if inproc else "onnx",
     )
     write_atomic(plan_path(model, backend), json.dumps(asdict(plan), indent=1))
     return plan
