@@ -120,7 +120,10 @@ def keras_peer(folder: Path, name: str, x: np.ndarray, ref: np.ndarray, seconds:
         import keras
     except ImportError as exc:
         return {"error": f"keras not installed here ({exc})"}
-    model = keras.saving.load_model(folder / f"{name}.keras")
+    path = folder / f"{name}.keras"
+    if not path.exists():
+        return {"error": f"{path.name} is not in the folder (left out to travel under the size limit)"}
+    model = keras.saving.load_model(path)
     rate, batch = best_rate(lambda a: model.predict(a, verbose=0, batch_size=len(a)), x, seconds)
     return {"backend": keras.backend.backend(), "rows_per_s": rate, "batch": batch, **gate(ref, model.predict(x, verbose=0))}
 
