@@ -191,6 +191,41 @@ def test_bad_input_is_refused_with_what_was_expected(fleet, bad, message):
         fleet.predict(bad)
 
 
+def test_a_folder_of_shards_in_gives_a_folder_of_shards_out(fleet, folder, tmp_path, x, y):
+    shards, results = tmp_path / "shards", tmp_path / "preds"
+    shards.mkdir()
+    bounds = [0, 700, 701, len(x)]  # uneven, one of a single row
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        np.save(shards / f"part-{i:03d}.npy", x[a:b])
+    (shards / "README.txt").write_text("not a shard")
+    written = fleet.predict(str(shards), out=str(results))
+    assert written == [str(results / f"part-{i:03d}.npy") for i in range(3)]
+    np.testing.assert_allclose(np.concatenate([np.load(p) for p in written]), y, rtol=1e-5, atol=1e-6)
+    # a multi-output model: one subfolder per output, the same one-shot call as for arrays
+    x_multi, y_multi = load_x(folder, "multi_output"), load_y(folder, "multi_output")
+    np.save(shards / "part-000.npy", x_multi[:50])
+    np.save(shards / "part-001.npy", x_multi[50:51])
+    np.save(shards / "part-002.npy", x_multi[51:])
+    multi = kerasfleet.predict(folder / "multi_output.keras", shards, out=tmp_path / "multi", workers=1, engine="keras")
+    for name, want in y_multi.items():
+        got = np.concatenate([np.load(tmp_path / "multi" / name / f"part-{i:03d}.npy") for i in range(3)])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert sorted(multi[0]) == sorted(y_multi)
+    for out, message in [
+        (None, "Expected out= a folder for the results of a folder of shards"),
+        (str(tmp_path / "y.npy"), "Expected out= a folder"),
+        (str(shards), "Expected out= a folder other than the input folder"),
+    ]:
+        with pytest.raises(kerasfleet.InputError, match=message):
+            fleet.predict(str(shards), out=out)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(kerasfleet.InputError, match="Expected a folder of .npy shards"):
+        fleet.predict(str(tmp_path / "empty"), out=str(results))
+    np.save(shards / "part-003.npy", x[:5, :3])
+    with pytest.raises(kerasfleet.InputError, match="Expected every shard's rows to have shape"):
+        fleet.predict(str(shards), out=str(results))
+
+
 def test_bad_arguments(fleet, x):
     with pytest.raises(kerasfleet.InputError, match="batch_size"):
         fleet.predict(x, batch_size=0)

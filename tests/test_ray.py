@@ -141,6 +141,11 @@ class TestOneNode:
             np.save(tmp_path / "x.npy", x)  # a file every node reads: mapped by the actors
             out = fleet.predict(str(tmp_path / "x.npy"), out=str(tmp_path / "y.npy"))
             np.testing.assert_array_equal(out, expected)
+            (tmp_path / "shards").mkdir()  # a folder of shards in, a folder out: mapped by path
+            for i, part in enumerate(np.array_split(x, 3)):
+                np.save(tmp_path / "shards" / f"{i}.npy", part)
+            written = fleet.predict(str(tmp_path / "shards"), out=str(tmp_path / "preds"))
+            np.testing.assert_array_equal(np.concatenate([np.load(p) for p in written]), expected)
         monkeypatch.delenv("KERASFLEET_FAULT")
         y = kerasfleet.predict(folder / "mlp.keras", x[:3001], batch_size=64, engine="keras", backend=BACKEND, cluster="ray")
         np.testing.assert_array_equal(y, expected[:3001])

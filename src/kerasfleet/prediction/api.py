@@ -25,6 +25,7 @@ from .fleet import Fleet, check_backend, check_batch_size
 from .inputs import Source, normalize_inputs
 from .jobs import check_out, load_sources, open_out_files, source_rows
 from .progress import progress_bar
+from .shards import check_shard_out, is_shard_folder, shard_files
 
 # Beyond this much input, workers map the data instead: a caller reading a huge memmap would
 # hold its pages in its own resident set.
@@ -66,7 +67,9 @@ def predict(
     Bad input is refused before any worker starts. For repeated calls keep a `Fleet`.
     """
     check_batch_size(batch_size)
-    check_out(out)
+    shards = is_shard_folder(x)  # a folder of .npy shards in, a folder out: always a fleet
+    if not shards:
+        check_out(out)
     check_engine(engine)
     check_precision(precision, engine)
     Gate(max_top1_disagreement, atol)
@@ -76,7 +79,12 @@ def predict(
         make_plan(workers, threads_per_worker, devices=devices)  # refuses a bad plan before any work
     model_file = resolve_model(model, custom_objects)
     try:
-        sources = normalize_inputs(x, model_file.signature)  # refused here, before any process starts
+        if shards:
+            check_shard_out(x, out)
+            shard_files(x)
+            sources = normalize_inputs(str(shard_files(x)[0]), model_file.signature)
+        else:
+            sources = normalize_inputs(x, model_file.signature)  # refused here, before any process starts
         options: dict[str, Any] = {
             "engine": engine,
             "workers": workers,
@@ -94,7 +102,7 @@ def predict(
                 max_top1_disagreement=max_top1_disagreement,
                 atol=atol,
             )
-        elif engine == "auto" and workers is None and threads_per_worker is None and cluster is None:
+        elif engine == "auto" and workers is None and threads_per_worker is None and cluster is None and not shards:
             res = resolve(model_file, fleet_factory=Fleet, **options)
             nbytes = sources[0].rows * row_bytes(source_rows(sources))
             if res.plan.device == "cpu" and nbytes <= IN_PROCESS_MAX_BYTES and res.in_process_wins(sources[0].rows):

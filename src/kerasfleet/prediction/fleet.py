@@ -53,6 +53,7 @@ from .calibration import precision_request
 from .inputs import Source, normalize_inputs
 from .jobs import Job, check_out, chunk_bounds, load_sources, open_out_files, source_rows
 from .progress import progress_bar
+from .shards import is_shard_folder, predict_shards
 
 if TYPE_CHECKING:
     from ..cluster import RayCluster
@@ -243,10 +244,14 @@ class Fleet:
         `x` is an array, a list or dict of arrays, an `np.memmap`, or a `.npy`/`.npz` path.
         `out` (a `.npy` path, or a list/dict of them) writes the results to disk through a
         memory map and returns read-only memmaps: results larger than RAM never sit in memory.
+        A folder of `.npy` shards with `out=` a folder: a result shard per input shard, same
+        name, in order; returns the paths written (see `kerasfleet.prediction.shards`).
         Safe to call from many threads at once.
         """
         self._check_open()
         check_batch_size(batch_size)
+        if is_shard_folder(x):
+            return predict_shards(self, x, out, batch_size, progress)
         check_out(out)
         call = self._start(normalize_inputs(x, self.signature), batch_size, out)
         bar = progress_bar(call.rows, progress) if isinstance(call, _JobCall) else None
