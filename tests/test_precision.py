@@ -219,6 +219,11 @@ def test_gate_numbers_are_what_they_say():
     numbers = precision_module.gate_numbers(ref, got)
     assert numbers["top1_agreement"] == 0.75 and numbers["rows"] == 4
     assert numbers["max_abs"] == pytest.approx(0.2) and numbers["mean_abs"] == pytest.approx((0.1 * 2 + 0.2 * 2 + 0.05 * 4) / 12)
-    assert Gate(max_top1_disagreement=0.25).judge(numbers) == (True, "")
     assert Gate().judge(numbers) == (False, "top-1 disagreement 25.00% > max_top1_disagreement 0.50%")
+    # top-1 agreement gates the classifier head only: the regression head needs atol
+    assert Gate(max_top1_disagreement=0.25).judge(numbers)[1].startswith("no threshold applies to output 1")
+    assert Gate(max_top1_disagreement=0.25, atol=0.25).judge(numbers) == (True, "")
     assert Gate(0.3, atol=0.1).judge(numbers)[1] == "max abs difference 0.2 > atol 0.1"
+    # a NaN where fp32 is finite fails whatever the thresholds
+    nan = [got[0], np.array([[np.nan]] * 4, "float32")]
+    assert Gate(1.0, atol=10.0).judge(precision_module.gate_numbers(ref, nan))[0] is False

@@ -81,13 +81,18 @@ class Gate:
     def judge(self, numbers: dict[str, Any]) -> tuple[bool, str]:
         """(passed, why not) for a candidate's gate numbers."""
         top1 = numbers.get("top1_agreement")
-        if top1 is None and self.atol is None:
-            return (
-                False,
-                "no threshold applies (the outputs are not classifier-shaped): pass atol= to gate them by max abs difference",
-            )
+        if numbers.get("non_finite"):
+            return False, "non-finite outputs (NaN or inf) where fp32 Keras gives finite ones"
         if top1 is not None and 1.0 - top1 > self.max_top1_disagreement + 1e-12:
             return False, f"top-1 disagreement {1.0 - top1:.2%} > max_top1_disagreement {self.max_top1_disagreement:.2%}"
+        ungated = numbers.get("ungated_outputs", [] if top1 is not None else ["every output"])
+        if ungated and self.atol is None:
+            # Top-1 agreement says nothing of a regression head next to a classifier head.
+            return (
+                False,
+                f"no threshold applies to {', '.join(map(str, ungated))} (not classifier-shaped): pass atol= to gate "
+                "them by max abs difference",
+            )
         if self.atol is not None and numbers["max_abs"] > self.atol:
             return False, f"max abs difference {numbers['max_abs']:.3g} > atol {self.atol:g}"
         return True, ""
@@ -307,8 +312,11 @@ def _measure(
         return build_engine(config)
 
     # fp32 engines on the same rows in the same run: what a reduced precision must beat.
-    fp32_engines = {"onnx": base("onnx", onnx.path)}
-    if ov_ok:
+    # Only the runtimes `engine=` allows: the fp32 fallback must not switch to one ruled out.
+    fp32_engines: dict[str, Engine] = {}
+    if want_ort:
+        fp32_engines["onnx"] = base("onnx", onnx.path)
+    if want_ov and ov_ok:
         fp32_engines["openvino"] = base("openvino", onnx.path)
     plans: list[tuple[str, str, str, str | None]] = []  # (variant, engine, ov hint, int8 file variant)
     if precision == "int8":
@@ -425,16 +433,33 @@ def gate_numbers(reference: list[np.ndarray[Any, Any]], got: list[np.ndarray[Any
     """Max and mean abs difference over every output; top-1 agreement over classifier-shaped ones (the lowest)."""
     max_abs, total, count = 0.0, 0.0, 0
     top1: float | None = None
-    for ref, out in zip(reference, got):
-        diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
-        if diff.size:
-            max_abs = max(max_abs, float(diff.max()))
-            total += float(diff.sum())
-            count += diff.size
+    non_finite = False
+    ungated: list[str] = []
+    for i, (ref, out) in enumerate(zip(reference, got)):
+        ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+        # A NaN would vanish in max() and pass any atol: a candidate that is not finite where
+        # fp32 is fails outright.
+        if np.any(np.isfinite(ref64) & ~np.isfinite(out64)):
+            non_finite = True
+        diff = np.abs(out64 - ref64)
+        finite = diff[np.isfinite(diff)]
+        if finite.size:
+            max_abs = max(max_abs, float(finite.max()))
+            total += float(finite.sum())
+            count += finite.size
         if ref.ndim == 2 and ref.shape[1] >= 2 and ref.dtype.kind == "f":
             agree = float(np.mean(ref.argmax(axis=1) == out.argmax(axis=1)))
             top1 = agree if top1 is None else min(top1, agree)
-    return {"max_abs": max_abs, "mean_abs": total / max(count, 1), "top1_agreement": top1, "rows": int(reference[0].shape[0])}
+        else:
+            ungated.append(f"output {i}")
+    return {
+        "max_abs": max_abs,
+        "mean_abs": total / max(count, 1),
+        "top1_agreement": top1,
+        "rows": int(reference[0].shape[0]),
+        "non_finite": non_finite,
+        "ungated_outputs": ungated,
+    }
 
 
 def _predict(engine: Engine, key: Any, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
