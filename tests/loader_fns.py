@@ -62,6 +62,14 @@ class Reshuffling(Rows):
         self.perm = self.rng.permutation(self.batches)
 
 
+class Growing(Rows):
+    """Batch i has 8 * (i + 1) rows."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return np.repeat(x, i + 1, axis=0), np.repeat(y, i + 1, axis=0)
+
+
 class Failing(Rows):
     def __getitem__(self, i):
         if i == 5:
@@ -87,3 +95,7 @@ class Plain:
 
 def make_rows():
     return Rows(batches=6)
+
+
+def make_reshuffling():
+    return Reshuffling(batches=6)

@@ -40,15 +40,16 @@ class RayWorker:
         self._inbox: deque[Any] = deque()
         self._eof = False
         self._exit = "still running"
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
         # soft: a replacement whose node was lost goes to another node instead of waiting forever.
+        # Created before the pipe: a failed creation (the supervisor retries) leaks no fd.
         self.actor = actor_class.options(
             num_cpus=slot.threads,
             num_gpus=1 if slot.gpu is not None else 0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
         ).remote()
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
         self._watch(self.actor.start.remote(list(sys.path), os.getcwd(), env, slot.cpus, node, init), None)
 
     # -- the supervisor thread ---------------------------------------------------------------

@@ -64,18 +64,26 @@ from .loading import HANDLER, DatasetState, LoadBatch
 # may vary a little); a bigger batch still arrives, pickled through the pipe.
 _SLOT_HEADROOM = 1.25
 _PAGE = 4096
-# Frames above `__getitem__` searched for Keras's model-building peek (it is 4-6 up).
-_PEEK_DEPTH = 16
+# Frames above `__getitem__` / `on_epoch_begin` searched for Keras's model-building peek (4-8
+# up): `Trainer._symbolic_build` (JAX, torch), `TensorFlowTrainer._maybe_symbolic_build`.
+_PEEK_DEPTH = 24
+_PEEK_FRAMES = frozenset({"_symbolic_build", "_maybe_symbolic_build"})
 
 
 class _Ring:
-    """Shared-memory slots for batches in flight, reused only when no worker can write them."""
+    """Shared-memory slots for batches in flight, reused only when no worker can write them.
+
+    Sized from the first batch; a bigger batch later (the first was the short last one, say)
+    makes a new, bigger generation of slots: old ones still in use are never handed out again.
+    """
 
     def __init__(self) -> None:
         self.buffers = SharedBuffers()
         self.lock = threading.Lock()
         self.slots: list[tuple[np.ndarray[Any, Any], BufferSpec]] = []
         self.free: list[int] = []
+        self.size = 0
+        self._current: set[int] = set()
 
     @property
     def sized(self) -> bool:
@@ -84,10 +92,13 @@ class _Ring:
     def allocate(self, count: int, nbytes: int) -> None:
         size = -(-int(nbytes * _SLOT_HEADROOM) // _PAGE) * _PAGE
         with self.lock:
+            self.size = size
+            self.free, self._current = [], set()
             for _ in range(count):
                 array, spec, _segment = self.buffers.create((size,), np.uint8)
                 self.slots.append((array, spec))
                 self.free.append(len(self.slots) - 1)
+                self._current.add(len(self.slots) - 1)
 
     def take(self) -> int | None:
         with self.lock:
@@ -96,7 +107,8 @@ class _Ring:
     def give(self, slot: int | None) -> None:
         if slot is not None:
             with self.lock:
-                self.free.append(slot)
+                if slot in self._current:
+                    self.free.append(slot)
 
     def give_when_done(self, future: Future[Any], slot: int | None) -> None:
         """Free the slot once its task can no longer write it (it ended, or never started)."""
@@ -180,11 +192,14 @@ class Loader(keras.utils.PyDataset):  # type: ignore[misc]
         self._ring = _Ring()
         self._finalizer = weakref.finalize(self, _shutdown, self._supervisor, self._ring)
         self._lock = threading.RLock()
+        self._state = state
         self._context = Context(state, label="dataset")
         self._orders: dict[int, np.ndarray[Any, Any]] = {}
         self._pass = 0  # passes completed
         self._k = 0  # batches of the current pass handed out
         self._in_epoch = False
+        self._peek_epoch = False
+        self._replayed: tuple[str, ...] = ()  # hooks a factory-built dataset has run, in order
         self._pending: dict[int, _Pending] = {}  # stream position -> its task
         self._fill()
 
@@ -198,7 +213,7 @@ class Loader(keras.utils.PyDataset):  # type: ignore[misc]
             if not self._in_epoch:
                 return self._random_access(index)
             position = self._pass * self._n + self._k
-            if _keras_build_peek():
+            if self._peek_epoch or _keras_build_peek():
                 # Keras reads one batch to build an unbuilt model, then starts the epoch over:
                 # that read must not use up the stream's next batch.
                 return self._read(position)
@@ -214,21 +229,18 @@ class Loader(keras.utils.PyDataset):  # type: ignore[misc]
         with self._lock:
             self._check_open()
             self._in_epoch = True
-            hook = getattr(self._dataset, "on_epoch_begin", None)
-            if callable(hook):
-                hook()
-            if "on_epoch_begin" in self._hooks:
-                self._reship()
+            # The "epoch" Keras opens to read one batch and build an unbuilt model (then
+            # closes): on TensorFlow with a strategy that read comes from a tf.data thread, so
+            # it is recognised here, where Keras opens it, not only in __getitem__.
+            self._peek_epoch = _keras_build_peek()
+            self._hook("on_epoch_begin")
 
     def on_epoch_end(self) -> None:
         with self._lock:
             self._check_open()
             self._in_epoch = False
-            hook = getattr(self._dataset, "on_epoch_end", None)
-            if callable(hook):
-                hook()
-            if "on_epoch_end" in self._hooks:
-                self._reship()
+            self._peek_epoch = False
+            self._hook("on_epoch_end")
 
     def batch_order(self, pass_: int) -> list[int]:
         """The dataset indices pass `pass_` (0, 1, ...) over the dataset yields, in order."""
@@ -325,9 +337,12 @@ class Loader(keras.utils.PyDataset):  # type: ignore[misc]
             batch = unpack(packed, self._ring.array(pending.slot))
         finally:
             self._ring.give(pending.slot)
-        if not self._ring.sized and packed.inline is not None and all(a.dtype.kind in "biufc" for a in packed.inline):
-            # The first batch tells the size: from now on batches come through shared memory.
-            self._ring.allocate(self._window + 2, slot_bytes(list(packed.inline)))
+        if packed.inline is not None and all(a.dtype.kind in "biufc" for a in packed.inline):
+            nbytes = slot_bytes(list(packed.inline))
+            if nbytes > self._ring.size:
+                # The first batch (or a bigger one than the slots hold) tells the size: from
+                # now on batches come through shared memory.
+                self._ring.allocate(self._window + 2, nbytes)
         return batch
 
     def _random_access(self, index: int) -> Any:
@@ -344,14 +359,23 @@ class Loader(keras.utils.PyDataset):  # type: ignore[misc]
             return unpack(pending.future.result(), self._ring.array(pending.slot))
         return self._collect(self._submit(position, slot=False))
 
-    def _reship(self) -> None:
-        """The dataset's state changed (its epoch hook ran): workers get the new state."""
-        import cloudpickle
+    def _hook(self, name: str) -> None:
+        """Run the dataset's epoch hook here; if it defines one, the workers get the new state."""
+        hook = getattr(self._dataset, name, None)
+        if callable(hook):
+            hook()
+        if name not in self._hooks:
+            return
+        if self._state.factory is not None:
+            # Built by a factory (often because it does not pickle): each worker rebuilds it
+            # and replays the hooks run so far, in order.
+            self._replayed += (name,)
+            state = DatasetState(None, self._state.factory, self._replayed)
+        else:
+            import cloudpickle
 
-        old, self._context = (
-            self._context,
-            Context(DatasetState(_pickle(self._dataset, cloudpickle.dumps), None), label="dataset"),
-        )
+            state = DatasetState(_pickle(self._dataset, cloudpickle.dumps), None)
+        old, self._context = self._context, Context(state, label="dataset")
         for pending in self._pending.values():
             pending.future.cancel()  # queued ones are dropped; running ones finish unread
             self._ring.give_when_done(pending.future, pending.slot)
@@ -361,12 +385,12 @@ class Loader(keras.utils.PyDataset):  # type: ignore[misc]
 
 
 def _keras_build_peek() -> bool:
-    """Whether Keras asks from `Trainer._symbolic_build` (a look at one batch's shapes)."""
+    """Whether Keras calls from its model-building look at one batch's shapes."""
     frame: FrameType | None = sys._getframe(2)
     for _ in range(_PEEK_DEPTH):
         if frame is None:
             return False
-        if frame.f_code.co_name == "_symbolic_build":
+        if frame.f_code.co_name in _PEEK_FRAMES:
             return True
         frame = frame.f_back
     return False

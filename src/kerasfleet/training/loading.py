@@ -26,8 +26,9 @@ from ..runtime.worker import load_factory
 from .batches import Packed, pack
 
 HANDLER = "kerasfleet.training.loading:load_handler"
-# Slots a worker keeps mapped: the caller's whole ring, with room to spare.
-_MAPPED_SLOTS = 64
+# Slots a worker keeps mapped (a mapping costs address space, not memory): more than a ring
+# holds for any plan (2 per worker + 2, at most a few generations).
+_MAPPED_SLOTS = 1024
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class DatasetState:
 
     blob: bytes | None
     factory: str | None
+    replay: tuple[str, ...] = ()  # epoch hooks a factory-built copy runs after it is built
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,10 @@ class LoadHandler:
             self._datasets[context_id] = cloudpickle.loads(payload.blob)
         else:
             assert payload.factory is not None
-            self._datasets[context_id] = load_factory(payload.factory)()
+            dataset = load_factory(payload.factory)()
+            for hook in payload.replay:
+                getattr(dataset, hook)()
+            self._datasets[context_id] = dataset
 
     def detach(self, context_id: int) -> None:
         self._datasets.pop(context_id, None)

@@ -124,24 +124,43 @@ def data_parallel(devices: str | Sequence[str] = "auto", *, cpu_devices: int | N
     if backend == "jax":
         from keras.distribution import DataParallel, distribution, set_distribution
 
+        def check_rows(shape: Sequence[int]) -> None:
+            if len(shape) and shape[0] % len(chosen):
+                raise InputError(
+                    f"Expected every global batch to divide evenly over the {len(chosen)} devices. Received: a batch "
+                    f"of {shape[0]} rows. Use a batch_size that is a multiple of {len(chosen)}, and an input "
+                    "whose row count is too (or drop the last partial batch), so that no batch is smaller."
+                )
+
         class CheckedDataParallel(DataParallel):  # type: ignore[misc]
             """Refuses a batch JAX cannot split across the devices, with what to do about it."""
 
             def get_data_layout(self, data_shape: Sequence[int]) -> Any:
-                if data_shape and data_shape[0] % len(chosen):
-                    raise InputError(
-                        f"Expected every global batch to divide evenly over the {len(chosen)} devices. Received: a batch "
-                        f"of {data_shape[0]} rows. Use a batch_size that is a multiple of {len(chosen)}, and an input "
-                        "whose row count is too (or drop the last partial batch), so that no batch is smaller."
-                    )
+                check_rows(data_shape)
                 return super().get_data_layout(data_shape)
+
+        # Keras computes the layouts from an epoch's first batch only; every batch goes through
+        # `distribute_data_input`, so a short last batch is refused there, before JAX fails.
+        from keras.src import backend as keras_backend
+
+        lib: Any = getattr(keras_backend, "distribution_lib", None)
+        original = getattr(lib, "distribute_data_input", None)
+
+        def checked(per_process_batch: Any, layout: Any, batch_dim_name: Any = None) -> Any:
+            check_rows(getattr(per_process_batch, "shape", ()))
+            assert original is not None
+            return original(per_process_batch, layout, batch_dim_name)
 
         previous = distribution()
         strategy = CheckedDataParallel(devices=chosen)
         set_distribution(strategy)
+        if original is not None:
+            lib.distribute_data_input = checked
         try:
             yield strategy
         finally:
+            if original is not None:
+                lib.distribute_data_input = original
             set_distribution(previous)
     else:
         import tensorflow as tf
