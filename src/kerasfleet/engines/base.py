@@ -62,6 +62,51 @@ class Engine(Protocol):
         """Times the engine traced or compiled for a new input shape since it was built."""
 
 
+class GraphEngine:
+    """What ONNX Runtime and OpenVINO share: a graph over the ONNX export, run batch by batch.
+
+    A subclass sets `structure`, `names` and the two caches, and implements `_run`. Both take
+    any batch size, so the last batch runs unpadded.
+    """
+
+    structure: str
+    names: list[str]
+    _outputs: dict[Key, Outputs]
+    _dtypes: dict[Key, list[np.dtype[Any]]]
+
+    def _run(self, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        raise NotImplementedError
+
+    def run_batch(self, key: Key, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        return self._run(arrays)
+
+    def outputs(self, key: Key) -> Outputs:
+        if key not in self._outputs:
+            batch_size, rows = key
+            self._dtypes[key] = [np.dtype(dtype) for _, dtype in rows]
+            results = self._run([np.zeros((max(batch_size, 1), *shape), dtype=np.dtype(dtype)) for shape, dtype in rows])
+            specs = tuple(OutputSpec(n, r.shape[1:], real_dtype(r.dtype).str) for n, r in zip(self.names, results))
+            self._outputs[key] = Outputs(self.structure, specs)
+        return self._outputs[key]
+
+    def predict_rows(
+        self,
+        key: Key,
+        inputs: list[np.ndarray[Any, Any]],
+        outputs: list[np.ndarray[Any, Any]],
+        start: int,
+        stop: int,
+    ) -> None:
+        self.outputs(key)
+        dtypes = self._dtypes[key]
+        batch = key[0]
+        for lo in range(start, stop, batch):
+            hi = min(lo + batch, stop)
+            arrays = [np.ascontiguousarray(src[lo:hi], dtype=dtype) for src, dtype in zip(inputs, dtypes)]
+            for dst, res in zip(outputs, self._run(arrays)):
+                dst[lo:hi] = res
+
+
 def real_dtype(dtype: Any) -> np.dtype[Any]:
     """The NumPy dtype outputs are returned in: bfloat16 (not a NumPy type) becomes float32."""
     dtype = np.dtype(dtype)

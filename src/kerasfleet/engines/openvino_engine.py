@@ -22,14 +22,14 @@ import numpy as np
 
 from ..cache import write_atomic
 from ..errors import ModelLoadError
-from .base import Key, Outputs, OutputSpec, real_dtype
+from .base import GraphEngine, Key, Outputs
 
 
 class EngineRefused(ModelLoadError):
     """An engine's results on the checked export differ from Keras's beyond tolerance."""
 
 
-class OpenVinoEngine:
+class OpenVinoEngine(GraphEngine):
     name = "openvino"
     backend = "openvino"
     # One compiled model with a dynamic batch dimension: a new batch size traces nothing.
@@ -65,35 +65,6 @@ class OpenVinoEngine:
         results = self.request.infer({port: np.ascontiguousarray(a) for port, a in zip(self._inputs, arrays)})
         # The request's output tensors are reused by the next call: copy them out.
         return [np.array(results[port]) for port in self._outputs_ports]
-
-    def run_batch(self, key: Key, arrays: list[np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
-        return self._run(arrays)
-
-    def outputs(self, key: Key) -> Outputs:
-        if key not in self._outputs:
-            batch_size, rows = key
-            self._dtypes[key] = [np.dtype(dtype) for _, dtype in rows]
-            results = self._run([np.zeros((max(batch_size, 1), *shape), dtype=np.dtype(dtype)) for shape, dtype in rows])
-            specs = tuple(OutputSpec(n, r.shape[1:], real_dtype(r.dtype).str) for n, r in zip(self.names, results))
-            self._outputs[key] = Outputs(self.structure, specs)
-        return self._outputs[key]
-
-    def predict_rows(
-        self,
-        key: Key,
-        inputs: list[np.ndarray[Any, Any]],
-        outputs: list[np.ndarray[Any, Any]],
-        start: int,
-        stop: int,
-    ) -> None:
-        self.outputs(key)
-        dtypes = self._dtypes[key]
-        batch = key[0]
-        for lo in range(start, stop, batch):
-            hi = min(lo + batch, stop)
-            arrays = [np.ascontiguousarray(src[lo:hi], dtype=dtype) for src, dtype in zip(inputs, dtypes)]
-            for dst, res in zip(outputs, self._run(arrays)):
-                dst[lo:hi] = res
 
 
 def _port(ports: list[Any], name: str, index: int) -> Any:
