@@ -79,3 +79,16 @@ def train_tiny_keras(units, seed, epochs=1):
         "accuracy": float(history.history["accuracy"][-1]),
         "backend": 0 if keras.backend.backend() == "jax" else 1,
     }
+
+
+def tensorflow_seeded(use_tf, seed):
+    """Whether TensorFlow was imported before the call, and (use_tf) a draw from its global seed."""
+    import sys
+
+    had_tf = "tensorflow" in sys.modules
+    draw = 0.0
+    if use_tf:
+        import tensorflow as tf
+
+        draw = float(tf.random.uniform(()))
+    return {"had_tf": int(had_tf), "draw": draw}

@@ -440,6 +440,37 @@ def test_same_seed_same_config_same_metrics_whatever_ran_before_in_the_worker(ba
     assert_clean()
 
 
+def test_jax_trials_share_one_compilation_cache_and_give_the_same_metrics(tmp_path):
+    grid = {"units": [4]}
+    same = {"store": None, "threads_per_trial": 1, "backend": "jax", "workers": 1, "seeds": (0, 1)}
+    folder = tmp_path / "xla"
+    cached = kerasfleet.sweep("sweep_fns:train_tiny_keras", grid, compile_cache=folder, **same)
+    entries = sorted(p.name for p in folder.glob("*-cache"))
+    assert entries, "no compiled program was stored"
+    again = kerasfleet.sweep("sweep_fns:train_tiny_keras", grid, compile_cache=folder, **same)
+    # Every program of the second sweep was read back: nothing new compiled and stored.
+    assert sorted(p.name for p in folder.glob("*-cache")) == entries
+    plain = kerasfleet.sweep("sweep_fns:train_tiny_keras", grid, compile_cache=False, **same)
+    metrics = [{t["seed"]: t["metrics"] for t in r.trials} for r in (cached, again, plain)]
+    assert metrics[0] == metrics[1] == metrics[2] and len(metrics[0]) == 2
+    with pytest.raises(InputError, match=r"Expected compile_cache to be True .* Received: compile_cache=3"):
+        kerasfleet.sweep("sweep_fns:score", {"x": [1]}, store=None, compile_cache=3)
+    assert_clean()
+
+
+def test_tensorflow_is_seeded_when_a_trial_imports_it_and_not_imported_otherwise():
+    # One JAX worker: TF is not imported for seeding (first trial), then a trial imports it (the
+    # import hook seeds it), then a trial finds it imported (Keras seeds it): the same draw.
+    configs = [{"use_tf": 0}, {"use_tf": 1}, {"use_tf": 2}]
+    result = kerasfleet.sweep("sweep_fns:tensorflow_seeded", configs=configs, store=None, workers=1, backend="jax")
+    got = [t["metrics"] for t in sorted(result.trials, key=lambda t: t["config"]["use_tf"])]
+    assert [m["had_tf"] for m in got] == [0, 0, 1], got
+    assert got[1]["draw"] == got[2]["draw"] != 0.0
+    other = kerasfleet.sweep("sweep_fns:tensorflow_seeded", configs=[{"use_tf": 1}], seeds=(1,), store=None, workers=1)
+    assert other.trials[0]["metrics"]["draw"] != got[1]["draw"]  # the seed matters
+    assert_clean()
+
+
 # -- the command line ------------------------------------------------------------------------------
 def test_cli_sweep_then_results(tmp_path):
     store = tmp_path / "runs.sqlite"

@@ -495,6 +495,12 @@ def _json_option(text: str | None, option: str) -> Any:
 @click.option("--metric", default=None, help="The metric the summary table shows (default: the only one).")
 @click.option("--mode", type=click.Choice(["max", "min"]), default=None, help="Whether a higher metric is better (default max).")
 @click.option("--max-trials-per-worker", type=int, default=50, show_default=True, help="Replace a worker after this many trials.")
+@click.option(
+    "--compile-cache/--no-compile-cache",
+    default=True,
+    show_default=True,
+    help="JAX: workers share XLA's persistent compilation cache (an architecture compiles once per sweep).",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on when stderr is a terminal).")
 @click.option(
     "--cluster", default=None, help="Run on a Ray cluster: 'ray' (the running one, or a local one) or its address (host:6379)."

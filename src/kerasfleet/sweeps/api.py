@@ -19,8 +19,11 @@ The caller submits at most one trial per worker, each `exclusive` (alone on an i
 a trial never waits behind another while a worker idles, and the next Optuna ask sees every
 result told so far. It also knows which worker the next trial goes to (the one whose trial just
 ended), and gives it a trial of a config it already ran when there is one, else a config no
-worker has started: a model of the same shape compiles once per worker (JAX and TF cache traced
-functions by structure), as in a sequential loop, instead of once per trial. A trial's status: done; failed (an exception in the function, with its
+worker has started (a worker's framework caches warm up per shape). On JAX the workers share
+XLA's persistent compilation cache (`runtime/compile_cache.py`): Keras compiles every new
+model's steps again, even one of an architecture already trained, and on small models that
+costs more than the training; with the cache a program is compiled once per sweep and read
+back by every later trial, in any worker. A trial's status: done; failed (an exception in the function, with its
 traceback, or a result that is not a dict of numbers); timeout (past `timeout` its worker is
 SIGKILLed and replaced, within a few ms); crashed (its worker died: the signal is recorded).
 Anything else - workers that cannot start, a function that does not load in a worker, Ctrl-C
@@ -56,6 +59,7 @@ from ..runtime import (
     make_plan,
     worker_environment,
 )
+from ..runtime.compile_cache import check_compile_cache, compile_cache_env
 from ..runtime.protocol import RemoteError
 from .function import FunctionRef, check_signature, function_ref, signature_of
 from .results import SweepResult
@@ -106,6 +110,7 @@ def sweep(
     max_trials_per_worker: int | None = DEFAULT_MAX_TRIALS_PER_WORKER,
     max_worker_memory_mb: float | None = None,
     start_timeout: float = 600.0,
+    compile_cache: Any = True,
     progress: bool | None = None,
     cluster: Any = None,
 ) -> SweepResult:
@@ -136,6 +141,7 @@ def sweep(
     | `resume`, `retry_failed` | skip trials the store has finished; run failed / timeout / crashed ones again too |
     | `max_trials_per_worker`, `max_worker_memory_mb` | replace a worker after that many trials, or when its RSS after a trial exceeds that |
     | `start_timeout` | seconds a worker may take to start (import the function and Keras) |
+    | `compile_cache` | JAX: the workers share XLA's persistent compilation cache, so trials of one architecture compile once per sweep, not once per trial (`True`: in kerasfleet's cache folder, or the one `JAX_COMPILATION_CACHE_DIR` names; a folder; `False`: every trial compiles, as in a plain loop). Local workers |
     | `progress` | a progress bar; default on when stderr is a terminal |
     | `cluster` | None (this machine), `"ray"` or a Ray address: trials run in Ray actors over the cluster's nodes (a GPU each where there are GPUs), with the same deadlines (the actor is killed) and the store here |
 
@@ -153,6 +159,7 @@ def sweep(
     check_positive_int(workers, "workers")
     check_positive_int(threads_per_trial, "threads_per_trial")
     check_cluster(cluster)
+    compile_cache = check_compile_cache(compile_cache)
     if cluster is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # only the checks here: the plan made below warns, once
@@ -190,7 +197,8 @@ def sweep(
                 spawn = ray_cluster.spawner(init, backend_name, nodes)
             else:
                 plan = _plan(workers, threads_per_trial, devices, pending)
-                spawn = lambda slot: LocalWorker(slot, init, worker_environment(slot, backend_name))  # noqa: E731
+                cache_env = compile_cache_env(compile_cache)
+                spawn = lambda slot: LocalWorker(slot, init, {**worker_environment(slot, backend_name), **cache_env})  # noqa: E731
             run.start(plan, spawn, start_timeout, progress)
         rows = db.rows(dict.fromkeys(run.keys))  # a config Optuna asked twice is listed once
     return SweepResult(rows, metric=metric, mode=mode, store=None if store is None else os.fspath(store))

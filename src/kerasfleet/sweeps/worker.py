@@ -19,16 +19,19 @@ installed, whether or not the function's module imports it: then a function that
 Keras inside its body is seeded too. Before each trial `keras.backend.clear_session()` drops
 what earlier trials left in Keras's global state (settings, layer-name counters, TF graphs;
 without its gc.collect, 0.2 s a trial - the collector and recycling bound memory), and
-`keras.utils.set_random_seed(seed)` seeds Python, NumPy, TensorFlow, torch (on its backend) and
-Keras's own generator: a trial gives the same result whichever trials ran before it in that
-worker. `set_random_seed` seeds TensorFlow whenever it is installed, which imports it (about
-2 s and 400 MB on another backend): the worker calls it once at start, so neither import ever
-counts against a trial's deadline. Without Keras, Python's `random` and NumPy (when imported)
-are seeded.
+`keras.utils.set_random_seed(seed)` seeds Python, NumPy, torch (on its backend), Keras's own
+generator and TensorFlow: a trial gives the same result whichever trials ran before it in that
+worker. Keras seeds TensorFlow whenever it is installed, importing it to do so (about 2 s and
+400 MB a worker on another backend, for nothing when no trial uses it): while TensorFlow is not
+imported, the worker has Keras skip it and seeds it instead the moment a trial imports it (an
+import hook), before the trial can use it - the same seed at the same point.
+Without Keras, Python's `random` and NumPy (when imported) are seeded.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import numbers
 import os
@@ -84,7 +87,7 @@ class SweepHandler:
             import keras
 
             self.keras = keras
-            keras.utils.set_random_seed(0)  # imports TensorFlow when installed: now, not in a trial
+            self.tf_seeder = TensorFlowSeeder()
         self.info: dict[str, Any] = {
             "pid": os.getpid(),
             "keras_backend": self.keras.backend.backend() if self.keras is not None else None,
@@ -117,12 +120,59 @@ class SweepHandler:
                 self.keras.backend.clear_session(free_memory=False)
             except TypeError:  # Keras before free_memory=
                 self.keras.backend.clear_session()
-            self.keras.utils.set_random_seed(seed)
+            self.tf_seeder.set_random_seed(self.keras, seed)
             return
         random.seed(seed)
         np = sys.modules.get("numpy")
         if np is not None:
             np.random.seed(seed)
+
+
+class TensorFlowSeeder(importlib.abc.MetaPathFinder):
+    """`keras.utils.set_random_seed` without importing TensorFlow: seeded when a trial imports it."""
+
+    def __init__(self) -> None:
+        self.seed: int | None = None
+        # Keras's lazy handle on TensorFlow (a private name: if it moves, Keras imports TF as before).
+        try:
+            from keras.src.utils import module_utils
+
+            self.lazy: Any = getattr(module_utils, "tensorflow", None)
+        except ImportError:
+            self.lazy = None
+        if self.lazy is not None and hasattr(self.lazy, "_available"):
+            sys.meta_path.insert(0, self)
+        else:
+            self.lazy = None
+
+    def set_random_seed(self, keras: Any, seed: int) -> None:
+        self.seed = seed
+        if self.lazy is None or "tensorflow" in sys.modules:
+            keras.utils.set_random_seed(seed)
+            return
+        saved = self.lazy._available
+        self.lazy._available = False  # "not installed", for this call only
+        try:
+            keras.utils.set_random_seed(seed)
+        finally:
+            self.lazy._available = saved
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "tensorflow" or self.seed is None:
+            return None
+        sys.meta_path.remove(self)  # once imported, Keras seeds it itself
+        spec = importlib.util.find_spec(fullname)
+        loader = spec.loader if spec is not None else None
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run_module, seed = loader.exec_module, self.seed
+
+        def exec_module(module: Any) -> None:
+            run_module(module)
+            module.random.set_seed(seed)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
 
 
 def handler(config: HandlerConfig) -> SweepHandler:
