@@ -18,6 +18,13 @@ on `--rows` synthetic rows:
 
 The score (`_common.crps_quadrature`): a 64-point trapezoidal CRPS per row, about 5 us of NumPy
 a row. Prints rows/s and ratios; values are checked against Keras's (rtol 1e-4).
+
+Then the machine's ceiling for the scored evaluation, from figures of the same run: the model
+at the fp32 GEMM peak on every core (its FLOPs a row / the peak) plus the score's CPU time a
+row (timed on one thread, 65,536 rows at a time, as a score worker runs it) spread over every
+core - nothing else counted (no loss, no metrics, no data movement), so no evaluation with the
+score can be faster - and whether the issue's targets (20x the seed loop, 0.9x the best
+`model.evaluate`) lie under it.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import body_layers, crps_quadrature, gemm_ceiling, machine_facts  # noqa: E402
+from _common import body_layers, crps_quadrature, flops_per_row, gemm_ceiling, machine_facts  # noqa: E402
 
 
 def build(name):
@@ -108,12 +115,36 @@ def main():
         np.testing.assert_allclose([got[name], scored[name], cold[name]], [want[name]] * 3, rtol=1e-4, err_msg=name)
     print(f"  score: kerasfleet {scored['crps_quadrature']:.6f}, seed loop on its {args.loop_rows} rows {np.mean(loop_scores):.6f}")
 
+    ncores = len(kerasfleet.make_plan().usable_cpus)
+    model_s = flops_per_row(model) / (peak * 1e9)  # wall seconds a row, every core at the peak
+    score_s = score_seconds_per_row(y)
+    ceiling = 1.0 / (model_s + score_s / ncores)
+    loop, best_rate = rates["seed loop (predict + score per row)"], rates[best]
+    print(
+        f"\n# ceiling with the score: model {flops_per_row(model):,} FLOPs a row at {peak:.0f} GFLOP/s = {1e6 * model_s:.3f} us a row; "
+        f"score {1e6 * score_s:.3f} us of CPU a row (one thread) / {ncores} cores; together {ceiling:,.0f} rows/s "
+        f"= {ceiling / loop:,.1f}x the seed loop, {ceiling / best_rate:.2f}x the best model.evaluate"
+    )
+    for name, need in (("20x the seed loop", 20 * loop), ("0.9x the best model.evaluate", 0.9 * best_rate)):
+        verdict = "under the ceiling" if need <= ceiling else "ABOVE the ceiling: no scored evaluation reaches it here"
+        print(f"# target {name}: {need:,.0f} rows/s, {need / ceiling:.0%} of the ceiling - {verdict}")
     print("\n| path | rows/s | vs seed loop | vs best model.evaluate |")
     print("| --- | ---: | ---: | ---: |")
-    loop = rates["seed loop (predict + score per row)"]
     for label, rate in rates.items():
         print(f"| {label} | {rate:,.0f} | {rate / loop:,.1f}x | {rate / rates[best]:.2f}x |")
     print(f"\nbest model.evaluate: {best}; values equal Keras's within rtol 1e-4 (loss {want['loss']:.6f}).")
+
+
+def score_seconds_per_row(y, rows=65_536, repeats=5):
+    """The score's CPU time a row on one thread (NumPy's elementwise work is single-threaded)."""
+    y = np.resize(y, (rows, *y.shape[1:]))
+    y_pred = y + np.float32(0.1)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        crps_quadrature(y, y_pred)
+        times.append(time.perf_counter() - started)
+    return min(times) / rows
 
 
 if __name__ == "__main__":

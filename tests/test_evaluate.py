@@ -96,3 +96,38 @@ def test_a_warm_fleet_is_reused_and_left_open(zoo):
     np.testing.assert_allclose(first["loss"], want["loss"], rtol=1e-5)
     assert set(second) == {"loss", "mae"}
 
+
+
+def test_score_workers_call_the_function_on_slices_and_keep_every_score():
+    from conftest import assert_clean
+    from eval_fns import crps_gaussian_quadrature
+    from kerasfleet.evaluation.scoring import Packing, ScorePool
+
+    rng = np.random.default_rng(0)
+    y_true = rng.normal(size=(200_003, 1)).astype("float32")
+    y_pred = (y_true + rng.normal(scale=0.3, size=y_true.shape)).astype("float32")
+    pool = ScorePool([("crps", crps_gaussian_quadrature)], 2, "jax")
+    try:
+        # 25,001 rows a chunk: every slice size is tried on real rows, then the fastest used.
+        got = pool.score([y_true], [y_pred], None, Packing("single", ()), Packing("single", ()))
+    finally:
+        pool.close()
+    assert got.shape == (1, 200_003)
+    np.testing.assert_allclose(got[0], crps_gaussian_quadrature(y_true, y_pred), rtol=1e-12)
+    assert_clean()
+
+
+def test_a_slice_size_is_chosen_from_the_time_a_row_of_each():
+    from kerasfleet.evaluation.scoring import SLICE_SIZES, SliceSize
+
+    seconds = {1024: 1.0, 4096: 2.0, 16384: 20.0, 65536: 100.0}  # 4096 is the fastest a row
+    assert tuple(seconds) == SLICE_SIZES
+    slices, tried = SliceSize(), []
+    for _ in range(8):
+        size = slices.next_size()
+        tried.append(size)
+        slices.record(size, seconds[size])
+    assert tried == [1024, 1024, 4096, 4096, 16384, 16384, 65536, 65536]
+    assert slices.next_size() == 4096
+    slices.record(4096, 0.0)  # once chosen, timings no longer move it
+    assert slices.next_size() == 4096
