@@ -112,9 +112,13 @@ def evaluate(
     pool: ScorePool | None = None
     try:
         if score_fns:
-            pool = ScorePool(score_fns, workers if cluster is None else None, fleet.backend)  # on this machine
-        window = _window_rows(xs, ys, rows)
-        bounds = [(lo, min(rows, lo + window)) for lo in range(0, rows, window)]
+            score_workers = workers if cluster is None else None  # on this machine
+            if given_fleet is not None:  # kept warm with the fleet for the next evaluation with these functions
+                ident = (tuple(score_fns), score_workers)
+                pool = given_fleet.attached("scores", ident, lambda: ScorePool(score_fns, score_workers, fleet.backend))
+            else:
+                pool = ScorePool(score_fns, score_workers, fleet.backend)
+        bounds = _windows(rows, _window_rows(xs, ys, rows))
         tracker = _Tracker(keras_model if compiled else None, keras_extra)
         scores: list[np.ndarray[Any, Any]] = []
         bar = progress_bar(rows, progress)
@@ -140,7 +144,7 @@ def evaluate(
                 per_row[name] = values
                 results[name] = float(np.average(values, weights=weights)) if len(values) else math.nan
     finally:
-        if pool is not None:
+        if pool is not None and given_fleet is None:
             pool.close()
         if given_fleet is None:
             fleet.close()  # a fleet passed in stays warm for the caller's next call
@@ -328,6 +332,20 @@ def _packing(value: Any) -> Packing:
 
 def _rows_of(value: Any) -> int:
     return int(_leaves(value)[0].shape[0])
+
+
+def _windows(rows: int, window: int) -> list[tuple[int, int]]:
+    """Row ranges: the first windows small, doubling up to `window` - nothing else runs until
+    the first predictions arrive (scores, metrics), so a small first window starts them early -
+    and at least 8 windows when there are rows enough: the last window's scores and metrics
+    run after every prediction, alone."""
+    window = max(_MIN_WINDOW_ROWS, min(window, -(-rows // 8)))
+    bounds, lo, size = [], 0, max(_MIN_WINDOW_ROWS, window // 8)
+    while lo < rows:
+        size = min(size, window)
+        bounds.append((lo, min(rows, lo + size)))
+        lo, size = lo + size, size * 2
+    return bounds
 
 
 def _window_rows(xs: _Rows, ys: _Rows, rows: int) -> int:

@@ -40,7 +40,7 @@ from ..runtime.buffers import Segment
 HANDLER = "kerasfleet.evaluation.scoring:score_handler"
 _CHUNKS_PER_WORKER = 4
 # Rows per call of a score function tried by each worker (SliceSize).
-SLICE_SIZES = (1024, 4096, 16384, 65536)
+SLICE_SIZES = (1024, 4096, 16384)
 # glibc: keep freed memory in the heap instead of returning it (and faulting it in again) at
 # every NumPy temporary over the mmap threshold. Score workers live for one evaluation.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
@@ -121,8 +121,7 @@ class ScoreHandler:
                 y_pred = opened.spec.pred_packing.pack([buf.array[lo:hi] for buf in opened.y_pred])
                 started = time.perf_counter()
                 scores = np.asarray(fn(y_true, y_pred), dtype=np.float64)
-                if hi - lo == size:
-                    self.slices[i].record(size, time.perf_counter() - started)
+                self.slices[i].record(size, (time.perf_counter() - started) / (hi - lo))
                 if scores.shape != (hi - lo,):
                     raise ValueError(
                         f"Expected the score function {name!r} to return one number per row: shape ({hi - lo},) for rows "
@@ -140,8 +139,9 @@ class SliceSize:
     slices they leave the caches and, past glibc's mmap threshold, are fresh pages every call
     (bench/evaluate.py's CRPS: 0.36 us a row at 4,096 rows, 0.89 at 65,536). Small slices pay
     Python's per-call cost instead, which for some functions (a SciPy fit a call, say)
-    dominates. Each worker times every size twice on real rows (the scores are kept) and uses
-    the fastest from then on.
+    dominates. Each worker runs every size twice on real rows (the scores are kept) and uses
+    the fastest a row from then on. A size larger than what is left of a chunk is timed as
+    what it gives there (the rest of the chunk), which is what choosing it would give.
     """
 
     def __init__(self) -> None:
@@ -151,15 +151,15 @@ class SliceSize:
     def next_size(self) -> int:
         if self.chosen is not None:
             return self.chosen
-        for size, times in self.timings.items():
-            if len(times) < 2:
+        for size, per_row in self.timings.items():
+            if len(per_row) < 2:
                 return size
-        self.chosen = min(self.timings, key=lambda size: min(self.timings[size]) / size)
+        self.chosen = min(self.timings, key=lambda size: min(self.timings[size]))
         return self.chosen
 
-    def record(self, size: int, seconds: float) -> None:
+    def record(self, size: int, seconds_per_row: float) -> None:
         if self.chosen is None:
-            self.timings[size].append(seconds)
+            self.timings[size].append(seconds_per_row)
 
 
 def score_handler(blob: bytes) -> ScoreHandler:

@@ -235,7 +235,10 @@ class Fleet:
             if owned:
                 self._model.cleanup()
             raise
-        self._finalizer = weakref.finalize(self, _cleanup, self._supervisor, self._buffers, self._model if owned else None)
+        self._attached: dict[Any, Any] = {}
+        self._finalizer = weakref.finalize(
+            self, _cleanup, self._supervisor, self._buffers, self._model if owned else None, self._attached
+        )
 
     # -- public ------------------------------------------------------------------------------
     def predict(self, x: Any, *, batch_size: int | None = None, out: Any = None, progress: bool | None = None) -> Any:
@@ -295,6 +298,21 @@ class Fleet:
         finally:
             for call in inflight:
                 call.close()
+
+    def attached(self, key: str, ident: Any, make: Callable[[], Any]) -> Any:
+        """A helper kept with this fleet and closed with it: what repeated calls on a warm fleet
+        reuse (evaluate's score workers). One per `key`: asked for with another `ident`, the old
+        one is closed and `make()` builds its replacement."""
+        self._check_open()
+        held = self._attached.get(key)
+        if held is not None and held[0] == ident:
+            return held[1]
+        if held is not None:
+            del self._attached[key]
+            held[1].close()
+        made = make()
+        self._attached[key] = (ident, made)
+        return made
 
     def close(self) -> None:
         """Stop the workers and free every buffer. Safe to call twice."""
@@ -590,8 +608,10 @@ def _load_error(path: str) -> Any:
     return make
 
 
-def _cleanup(supervisor: Supervisor, buffers: SharedBuffers, model: ModelFile | None) -> None:
+def _cleanup(supervisor: Supervisor, buffers: SharedBuffers, model: ModelFile | None, attached: dict[Any, Any]) -> None:
     """Run by `close()` and at garbage collection or exit: no process, segment or temp file survives."""
+    while attached:
+        attached.popitem()[1][1].close()
     supervisor.close()
     buffers.release()
     if model is not None:
