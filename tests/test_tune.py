@@ -131,6 +131,23 @@ def test_auto_one_shot_runs_in_process_when_starting_workers_does_not_pay(folder
     assert_same(got, {"output_0": y[:2000]})
 
 
+def test_auto_one_shot_evaluate_predicts_in_process_too(folder, plan, monkeypatch):
+    from eval_fns import crps_gaussian_quadrature
+
+    model = folder / "mlp.keras"
+    x, y_pred = load_x(folder, "mlp")[:100], load_y(folder, "mlp")["output_0"][:100]
+    y_true = np.random.default_rng(0).normal(size=y_pred.shape).astype("float32")
+    assert plan.use_in_process(100), plan.describe()
+    with watch_processes(monkeypatch) as seen:
+        got = kerasfleet.evaluate(model, x, y_true, metrics=["mae"], backend="jax")
+    assert seen == {"children": {}, "fleets": 0}  # no fleet, and no score function: no process at all
+    np.testing.assert_allclose(got["mae"], np.abs(y_true - y_pred).mean(), rtol=1e-5)
+    with watch_processes(monkeypatch) as seen:
+        got = kerasfleet.evaluate(model, x, y_true, metrics=[crps_gaussian_quadrature], backend="jax")
+    assert seen["fleets"] == 0 and len(seen["children"]) == 2, seen  # the two score workers only
+    np.testing.assert_allclose(got["crps_gaussian_quadrature"], crps_gaussian_quadrature(y_true, y_pred).mean(), rtol=1e-5)
+
+
 def test_auto_fleet_uses_the_plan(folder, plan):
     with kerasfleet.Fleet(folder / "mlp.keras", backend="jax") as fleet:
         got = fleet.predict(load_x(folder, "mlp"))

@@ -11,6 +11,8 @@
       ▼                                                                         ▼
     ScorePool ─ NumPy score functions f(y_true, y_pred) -> one score per row, in worker processes
 
+A one-shot call on few rows (by the tuned plan's rule, the one `predict` follows) predicts in
+this process instead of Fleet.imap: the in-process engine in a thread, one window ahead.
 Only one window of predictions is held at a time (two while the next is predicted), so inputs
 on disk larger than memory are evaluated in bounded memory. Per-row scores are kept (one float
 per row and function) and averaged (weighted by `sample_weight` when given).
@@ -30,16 +32,22 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..cluster import check_cluster
+from ..engines.model_file import resolve_model
 from ..errors import InputError
 from ..prediction import Fleet
+from ..prediction.api import in_process_for
+from ..prediction.fleet import check_backend, check_batch_size
 from ..prediction.progress import progress_bar
+from ..runtime import default_backend
+from ..tune import check_engine
 from .scoring import Packing, ScorePool
 
 # Rows per window: about this many bytes of inputs and predictions at a time.
@@ -98,32 +106,48 @@ def evaluate(
     for other in [ys, ws]:
         if other is not None and other.rows != rows:
             raise InputError(f"Expected {other.what} to have as many rows as x ({rows}). Received: {other.rows} rows.")
-    fleet = given_fleet or Fleet(
-        model,
-        workers=workers,
-        threads_per_worker=threads_per_worker,
-        batch_size=batch_size,
-        backend=backend,
-        custom_objects=custom_objects,
-        safe_mode=safe_mode,
-        engine=engine,
-        cluster=cluster,
-    )
+    options: dict[str, Any] = {
+        "engine": engine,
+        "workers": workers,
+        "threads_per_worker": threads_per_worker,
+        "devices": "auto",
+        "batch_size": batch_size,
+        "backend": backend or default_backend(),
+        "custom_objects": custom_objects,
+        "safe_mode": safe_mode,
+    }
+    model_file, local, fleet = None, None, given_fleet
+    if given_fleet is None and cluster is None:
+        check_engine(engine)
+        check_backend(backend)
+        check_batch_size(batch_size)
+        model_file = resolve_model(model, custom_objects)
     pool: ScorePool | None = None
     try:
+        if model_file is not None:
+            # As predict does: when starting workers costs more than they save for this many
+            # rows, the plan's in-process engine predicts here (scores still run in workers).
+            local = in_process_for(model_file, options, rows, rows * xs.row_bytes())
+        if local is None and fleet is None:
+            fleet = Fleet(model_file if model_file is not None else model, cluster=cluster, **options)
         if score_fns:
             score_workers = workers if cluster is None else None  # on this machine
             if given_fleet is not None:  # kept warm with the fleet for the next evaluation with these functions
                 ident = (tuple(score_fns), score_workers)
-                pool = given_fleet.attached("scores", ident, lambda: ScorePool(score_fns, score_workers, fleet.backend))
+                pool = given_fleet.attached("scores", ident, lambda: ScorePool(score_fns, score_workers, given_fleet.backend))
             else:
-                pool = ScorePool(score_fns, score_workers, fleet.backend)
+                pool = ScorePool(score_fns, score_workers, fleet.backend if fleet is not None else options["backend"])
         bounds = _windows(rows, _window_rows(xs, ys, rows))
         tracker = _Tracker(keras_model if compiled else None, keras_extra)
         scores: list[np.ndarray[Any, Any]] = []
         bar = progress_bar(rows, progress)
         try:
-            predictions = fleet.imap((xs.window(lo, hi) for lo, hi in bounds), batch_size=batch_size, max_inflight=2)
+            windows = (xs.window(lo, hi) for lo, hi in bounds)
+            if local is not None:
+                predictions = _one_ahead(local.predict, windows)
+            else:
+                assert fleet is not None
+                predictions = fleet.imap(windows, batch_size=batch_size, max_inflight=2)
             for (lo, hi), y_pred in zip(bounds, predictions):
                 y_true = ys.window(lo, hi)
                 weight = ws.window(lo, hi) if ws is not None else None
@@ -146,8 +170,10 @@ def evaluate(
     finally:
         if pool is not None and given_fleet is None:
             pool.close()
-        if given_fleet is None:
+        if fleet is not None and given_fleet is None:
             fleet.close()  # a fleet passed in stays warm for the caller's next call
+        if model_file is not None:
+            model_file.cleanup()
     return (results, per_row) if return_scores else results
 
 
@@ -332,6 +358,20 @@ def _packing(value: Any) -> Packing:
 
 def _rows_of(value: Any) -> int:
     return int(_leaves(value)[0].shape[0])
+
+
+def _one_ahead(predict: Callable[[Any], Any], windows: Iterator[Any]) -> Iterator[Any]:
+    """predict(window) for each window, in order, the next one computed (in a thread: the
+    engine releases the GIL) while the caller uses the last one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="kerasfleet-evaluate") as ahead:
+        pending: Future[Any] | None = None
+        for window in windows:
+            following = ahead.submit(predict, window)
+            if pending is not None:
+                yield pending.result()
+            pending = following
+        if pending is not None:
+            yield pending.result()
 
 
 def _windows(rows: int, window: int) -> list[tuple[int, int]]:

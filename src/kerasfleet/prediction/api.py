@@ -102,65 +102,81 @@ def predict(
                 max_top1_disagreement=max_top1_disagreement,
                 atol=atol,
             )
-        elif engine == "auto" and workers is None and threads_per_worker is None and cluster is None and not shards:
-            res = resolve(model_file, fleet_factory=Fleet, **options)
-            nbytes = sources[0].rows * row_bytes(source_rows(sources))
-            if res.plan.device == "cpu" and nbytes <= IN_PROCESS_MAX_BYTES and res.in_process_wins(sources[0].rows):
-                return _in_process(model_file, res, sources, batch_size, out, progress, custom_objects, safe_mode)
+        elif cluster is None and not shards:
+            local = in_process_for(model_file, options, sources[0].rows, sources[0].rows * row_bytes(source_rows(sources)))
+            if local is not None:
+                return local.predict(sources, out, progress)
         with Fleet(model_file, cluster=cluster, **options) as fleet:
             return fleet.predict(x, batch_size=batch_size, out=out, progress=progress)
     finally:
         model_file.cleanup()
 
 
-def _in_process(
-    model_file: Any,
-    res: Resolution,
-    sources: list[Source],
-    batch_size: int | None,
-    out: Any,
-    progress: bool | None,
-    custom_objects: Any,
-    safe_mode: bool,
-) -> Any:
-    """The plan's in-process engine (ONNX Runtime or OpenVINO) on every core of this process:
-    no worker to start, same result."""
-    from ..tune.resolver import export_for
+def in_process_for(model_file: Any, options: dict[str, Any], rows: int, nbytes: int) -> InProcess | None:
+    """The plan's in-process engine when it wins for this many rows, else None (use a fleet).
 
-    assert res.tuned is not None
-    engine = res.tuned.in_process_engine
-    onnx = export_for(engine, model_file, custom_objects, safe_mode)
-    assert onnx is not None
-    # ONNX Runtime built directly: the caller's CUDA_VISIBLE_DEVICES must not move a CPU plan to a GPU.
-    threads = len(res.plan.usable_cpus)
-    config = EngineConfig(
-        name=engine,
-        model_path=str(model_file.path),
-        input_structure=model_file.signature.structure,
-        input_names=None,
-        custom_objects=None,
-        modules=(),
-        safe_mode=safe_mode,
-        threads=threads,
-        onnx_path=str(onnx.path),
-        onnx_meta=onnx.meta,
-    )
-    runner = Runner(
-        OnnxEngine(str(onnx.path), onnx.meta, threads=threads, gpu=False) if engine == "onnx" else build_engine(config)
-    )
-    key = (batch_size or res.tuned.in_process_batch or res.tuned.batch_size, source_rows(sources))
-    outputs = runner.outputs(key)
-    rows = sources[0].rows
-    paths, arrays = open_out_files(out, outputs, rows) if out is not None else (None, None)
-    bar = progress_bar(rows, progress)
-    try:
-        result = runner.predict(key, load_sources(sources), arrays, bar.update if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
-    if paths is not None:
-        for a in result:
-            if isinstance(a, np.memmap):  # zero rows give plain (empty) arrays
-                a.flush()
-        result = [np.load(p, mmap_mode="r") for p in paths]
-    return outputs.pack(result)
+    Only for `engine="auto"` with no worker counts given, on a CPU plan, and at most
+    IN_PROCESS_MAX_BYTES of input: the resolver's tuned plan says whether running here beats
+    starting workers (their start against the two rates)."""
+    if options["engine"] != "auto" or options["workers"] is not None or options["threads_per_worker"] is not None:
+        return None
+    res = resolve(model_file, fleet_factory=Fleet, **options)
+    if res.plan.device == "cpu" and nbytes <= IN_PROCESS_MAX_BYTES and res.in_process_wins(rows):
+        return InProcess(model_file, res, options["batch_size"], options["custom_objects"], options["safe_mode"])
+    return None
+
+
+class InProcess:
+    """The plan's in-process engine (ONNX Runtime or OpenVINO) on every core of this process:
+    no worker to start, the same result as a fleet's."""
+
+    def __init__(self, model_file: Any, res: Resolution, batch_size: int | None, custom_objects: Any, safe_mode: bool) -> None:
+        from ..tune.resolver import export_for
+
+        assert res.tuned is not None
+        engine = res.tuned.in_process_engine
+        onnx = export_for(engine, model_file, custom_objects, safe_mode)
+        assert onnx is not None
+        # ONNX Runtime built directly: the caller's CUDA_VISIBLE_DEVICES must not move a CPU plan to a GPU.
+        threads = len(res.plan.usable_cpus)
+        config = EngineConfig(
+            name=engine,
+            model_path=str(model_file.path),
+            input_structure=model_file.signature.structure,
+            input_names=None,
+            custom_objects=None,
+            modules=(),
+            safe_mode=safe_mode,
+            threads=threads,
+            onnx_path=str(onnx.path),
+            onnx_meta=onnx.meta,
+        )
+        self.signature = model_file.signature
+        self.batch_size = batch_size or res.tuned.in_process_batch or res.tuned.batch_size
+        self.runner = Runner(
+            OnnxEngine(str(onnx.path), onnx.meta, threads=threads, gpu=False) if engine == "onnx" else build_engine(config)
+        )
+
+    def predict(self, x: Any, out: Any = None, progress: bool | None = None) -> Any:
+        """What `model.predict(x)` returns; `x` as `predict` takes it (or already normalized sources)."""
+        sources = x if _is_sources(x) else normalize_inputs(x, self.signature)
+        key = (self.batch_size, source_rows(sources))
+        outputs = self.runner.outputs(key)
+        rows = sources[0].rows
+        paths, arrays = open_out_files(out, outputs, rows) if out is not None else (None, None)
+        bar = progress_bar(rows, progress)
+        try:
+            result = self.runner.predict(key, load_sources(sources), arrays, bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        if paths is not None:
+            for a in result:
+                if isinstance(a, np.memmap):  # zero rows give plain (empty) arrays
+                    a.flush()
+            result = [np.load(p, mmap_mode="r") for p in paths]
+        return outputs.pack(result)
+
+
+def _is_sources(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(s, Source) for s in x)
