@@ -375,17 +375,11 @@ def _one_ahead(predict: Callable[[Any], Any], windows: Iterator[Any]) -> Iterato
 
 
 def _windows(rows: int, window: int) -> list[tuple[int, int]]:
-    """Row ranges: the first windows small, doubling up to `window` - nothing else runs until
-    the first predictions arrive (scores, metrics), so a small first window starts them early -
-    and at least 8 windows when there are rows enough: the last window's scores and metrics
-    run after every prediction, alone."""
-    window = max(_MIN_WINDOW_ROWS, min(window, -(-rows // 8)))
-    bounds, lo, size = [], 0, max(_MIN_WINDOW_ROWS, window // 8)
-    while lo < rows:
-        size = min(size, window)
-        bounds.append((lo, min(rows, lo + size)))
-        lo, size = lo + size, size * 2
-    return bounds
+    """Row ranges of one size (the last one shorter): at least 8 when there are rows enough,
+    since the last window's scores and metrics run after every prediction, alone. One size:
+    on JAX, Keras's metric updates compile once per shape."""
+    size = max(_MIN_WINDOW_ROWS, min(window, -(-rows // 8)))
+    return [(lo, min(rows, lo + size)) for lo in range(0, rows, size)]
 
 
 def _window_rows(xs: _Rows, ys: _Rows, rows: int) -> int:
