@@ -153,6 +153,37 @@ class TestOneNode:
         got = kerasfleet.evaluate(folder / "mlp.keras", x, y_true, metrics=["mae"], batch_size=64, engine="keras", cluster="ray")
         np.testing.assert_allclose(got["mae"], float(np.mean(np.abs(y_true - expected))), rtol=1e-5)
 
+    def test_a_first_call_stages_its_chunks_while_the_actors_start(self, folder):
+        """The first large call does not wait for the actors' start to put its rows in the
+        object store (its outputs are learnt from their warm-up when the first chunk is back)."""
+        x = np.concatenate([load_x(folder, "mlp")] * 4)
+        expected = np.concatenate([load_y(folder, "mlp")["output_0"]] * 4)
+        with kerasfleet.Fleet(folder / "mlp.keras", engine="keras", backend=BACKEND, cluster="ray") as fleet:
+            staged_ready = []
+            stage = fleet._cluster.stage
+
+            def watched(payload, label=""):
+                staged_ready.append(any(w["ready"] for w in fleet._supervisor.workers()))
+                return stage(payload, label)
+
+            fleet._cluster.stage = watched
+            assert_same(fleet.predict(x), {"output_0": expected})
+            assert len(staged_ready) > 1 and not staged_ready[0]  # staged while no actor was ready
+            assert_same(fleet.predict(x, batch_size=37), {"output_0": expected})  # another shape: probed first
+
+    def test_onnx_actors_get_only_the_export_and_load_no_framework(self, folder, tmp_path, monkeypatch):
+        monkeypatch.setenv("KERASFLEET_CACHE_DIR", str(tmp_path))  # actors write the shipped files here
+        x = np.concatenate([load_x(folder, "mlp")] * 4)
+        with kerasfleet.Fleet(folder / "mlp.keras", engine="onnx", backend=BACKEND, cluster="ray") as fleet:
+            y = fleet.predict(x)
+            for pid in fleet.pids:  # one node: the actors are processes of this machine
+                with open(f"/proc/{pid}/maps") as f:
+                    maps = f.read()
+                assert "onnxruntime" in maps and "jaxlib" not in maps and "tensorflow" not in maps
+        np.testing.assert_allclose(y, np.concatenate([load_y(folder, "mlp")["output_0"]] * 4), rtol=1e-5, atol=1e-6)
+        shipped = sorted(p.suffix for p in (tmp_path / "ray-files").iterdir())
+        assert shipped == [".onnx"]  # the model file is never read by the ONNX engine: not sent
+
     def test_sweep_on_ray_actors_equals_local_with_deadlines_and_crashes(self, tmp_path):
         grid = {"mode": ["ok", "hang", "sigkill", "raise"]}
         local = kerasfleet.sweep("sweep_fns:behave", grid, seeds=(0,), timeout=2, store=None, workers=2)
