@@ -17,7 +17,7 @@ import pytest
 import kerasfleet
 from conftest import HERE, assert_clean, assert_same, leftovers, load_x, load_y
 from kerasfleet.cluster.layout import NodeFacts, cluster_plan
-from kerasfleet.errors import FleetError, InputError
+from kerasfleet.errors import FleetError, InputError, WorkerStartError
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(240)
@@ -176,6 +176,7 @@ class TestOneNode:
         x = np.concatenate([load_x(folder, "mlp")] * 4)
         with kerasfleet.Fleet(folder / "mlp.keras", engine="onnx", backend=BACKEND, cluster="ray") as fleet:
             y = fleet.predict(x)
+            fleet.wait_ready(60)  # the call may have ended before the second actor was ready
             for pid in fleet.pids:  # one node: the actors are processes of this machine
                 with open(f"/proc/{pid}/maps") as f:
                     maps = f.read()
@@ -183,6 +184,21 @@ class TestOneNode:
         np.testing.assert_allclose(y, np.concatenate([load_y(folder, "mlp")["output_0"]] * 4), rtol=1e-5, atol=1e-6)
         shipped = sorted(p.suffix for p in (tmp_path / "ray-files").iterdir())
         assert shipped == [".onnx"]  # the model file is never read by the ONNX engine: not sent
+
+    def test_files_that_cannot_be_shipped_fail_the_start_with_the_reason(self, folder, monkeypatch):
+        """The model's files are put in the object store by a thread while the actors start:
+        a failure there still ends the fleet's start, and says why."""
+        put = ray.put
+
+        def refuse_files(value, **kwargs):
+            if isinstance(value, bytes):  # the shipped files; chunks are PredictChunk objects
+                raise OSError("object store full")
+            return put(value, **kwargs)
+
+        monkeypatch.setattr(ray, "put", refuse_files)
+        with kerasfleet.Fleet(folder / "mlp.keras", engine="keras", backend=BACKEND, cluster="ray", max_retries=1) as fleet:
+            with pytest.raises(WorkerStartError, match="could not be shipped: OSError: object store full"):
+                fleet.wait_ready(60)
 
     def test_sweep_on_ray_actors_equals_local_with_deadlines_and_crashes(self, tmp_path):
         grid = {"mode": ["ok", "hang", "sigkill", "raise"]}
