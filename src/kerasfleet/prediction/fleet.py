@@ -65,10 +65,12 @@ BACKENDS = ("jax", "tensorflow", "torch", "numpy")
 # while the worker may be sending a reply, and neither may block on the other.
 INLINE_MAX_BYTES = 64 << 10
 # Chunks on a Ray cluster hold up to this many batches (8 locally): a chunk's call costs about
-# 0.7 ms of Ray scheduling plus an object-store put and fetch (a local pipe round trip: about
-# 0.1 ms), so larger chunks keep that overhead small; there are still about four per actor
-# for load balancing, and a lost actor's chunk is redone whole.
-CLUSTER_MAX_BATCHES_PER_CHUNK = 32
+# 0.7 ms of Ray scheduling, and its actor spends 3-6 ms putting the outputs in the object
+# store before it starts the next one (a local pipe round trip: about 0.1 ms), so larger
+# chunks keep that overhead small (bench MLP, warm, 2 actors: 1.06-1.09M rows/s at 32,
+# 1.15-1.18M at 64); there are still about four per actor for load balancing, and a lost
+# actor's chunk is redone whole.
+CLUSTER_MAX_BATCHES_PER_CHUNK = 64
 
 
 def check_backend(backend: Any) -> None:
