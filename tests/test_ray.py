@@ -12,10 +12,13 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 import kerasfleet
 from conftest import HERE, assert_clean, assert_same, leftovers, load_x, load_y
+from kerasfleet.cluster import keep_actors
+from kerasfleet.cluster.kept import kept_actors
 from kerasfleet.cluster.layout import NodeFacts, cluster_plan
 from kerasfleet.errors import FleetError, InputError, WorkerStartError
 
@@ -184,6 +187,30 @@ class TestOneNode:
         np.testing.assert_allclose(y, np.concatenate([load_y(folder, "mlp")["output_0"]] * 4), rtol=1e-5, atol=1e-6)
         shipped = sorted(p.suffix for p in (tmp_path / "ray-files").iterdir())
         assert shipped == [".onnx"]  # the model file is never read by the ONNX engine: not sent
+
+    def test_keep_actors_reuses_the_previous_calls_actors_until_the_block_ends(self, folder):
+        x = np.concatenate([load_x(folder, "mlp")] * 4)
+        expected = {"output_0": np.concatenate([load_y(folder, "mlp")["output_0"]] * 4)}
+        path, options = folder / "mlp.keras", {"engine": "keras", "backend": BACKEND, "cluster": "ray"}
+        with keep_actors() as kept:
+            assert_same(kerasfleet.predict(path, x, **options), expected)
+            (fleet,) = kept.fleets()
+            fleet.wait_ready(60)
+            pids = sorted(fleet.pids)
+            assert_same(kerasfleet.predict(path, x, **options), expected)  # no actor started
+            assert kept.fleets() == [fleet] and sorted(fleet.pids) == pids and fleet.restarts == 0
+            with keep_actors():  # nested: the same kept fleet, until the outer block ends
+                assert_same(kerasfleet.predict(path, x[:10], **options), {"output_0": expected["output_0"][:10]})
+            assert kept.fleets() == [fleet]
+            # Other options: the kept fleet is closed first (its actors hold both CPUs), then replaced.
+            assert_same(kerasfleet.predict(path, x, batch_size=16, **options), expected)
+            (other,) = kept.fleets()
+            assert other is not fleet and not fleet.usable and other.usable
+        assert not other.usable and kept.fleets() == [] and kept_actors() is None
+        deadline = time.monotonic() + 30
+        while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(psutil.pid_exists(p) for p in pids)  # the actors' processes are gone
 
     def test_files_that_cannot_be_shipped_fail_the_start_with_the_reason(self, folder, monkeypatch):
         """The model's files are put in the object store by a thread while the actors start:

@@ -334,6 +334,11 @@ class Fleet:
         return self._model.path
 
     @property
+    def usable(self) -> bool:
+        """Open and not broken: a call would run."""
+        return not self._closed and self._supervisor.broken is None
+
+    @property
     def restarts(self) -> int:
         return self._supervisor.restarts
 
