@@ -12,12 +12,15 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 import kerasfleet
 from conftest import HERE, assert_clean, assert_same, leftovers, load_x, load_y
+from kerasfleet.cluster import keep_actors
+from kerasfleet.cluster.kept import kept_actors
 from kerasfleet.cluster.layout import NodeFacts, cluster_plan
-from kerasfleet.errors import FleetError, InputError
+from kerasfleet.errors import FleetError, InputError, WorkerStartError
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(240)
@@ -152,6 +155,77 @@ class TestOneNode:
         y_true = expected + 0.5
         got = kerasfleet.evaluate(folder / "mlp.keras", x, y_true, metrics=["mae"], batch_size=64, engine="keras", cluster="ray")
         np.testing.assert_allclose(got["mae"], float(np.mean(np.abs(y_true - expected))), rtol=1e-5)
+
+    def test_a_first_call_stages_its_chunks_while_the_actors_start(self, folder):
+        """The first large call does not wait for the actors' start to put its rows in the
+        object store (its outputs are learnt from their warm-up when the first chunk is back)."""
+        x = np.concatenate([load_x(folder, "mlp")] * 4)
+        expected = np.concatenate([load_y(folder, "mlp")["output_0"]] * 4)
+        with kerasfleet.Fleet(folder / "mlp.keras", engine="keras", backend=BACKEND, cluster="ray") as fleet:
+            staged_ready = []
+            stage = fleet._cluster.stage
+
+            def watched(payload, label=""):
+                staged_ready.append(any(w["ready"] for w in fleet._supervisor.workers()))
+                return stage(payload, label)
+
+            fleet._cluster.stage = watched
+            assert_same(fleet.predict(x), {"output_0": expected})
+            assert len(staged_ready) > 1 and not staged_ready[0]  # staged while no actor was ready
+            assert_same(fleet.predict(x, batch_size=37), {"output_0": expected})  # another shape: probed first
+
+    def test_onnx_actors_get_only_the_export_and_load_no_framework(self, folder, tmp_path, monkeypatch):
+        monkeypatch.setenv("KERASFLEET_CACHE_DIR", str(tmp_path))  # actors write the shipped files here
+        x = np.concatenate([load_x(folder, "mlp")] * 4)
+        with kerasfleet.Fleet(folder / "mlp.keras", engine="onnx", backend=BACKEND, cluster="ray") as fleet:
+            y = fleet.predict(x)
+            fleet.wait_ready(60)  # the call may have ended before the second actor was ready
+            for pid in fleet.pids:  # one node: the actors are processes of this machine
+                with open(f"/proc/{pid}/maps") as f:
+                    maps = f.read()
+                assert "onnxruntime" in maps and "jaxlib" not in maps and "tensorflow" not in maps
+        np.testing.assert_allclose(y, np.concatenate([load_y(folder, "mlp")["output_0"]] * 4), rtol=1e-5, atol=1e-6)
+        shipped = sorted(p.suffix for p in (tmp_path / "ray-files").iterdir())
+        assert shipped == [".onnx"]  # the model file is never read by the ONNX engine: not sent
+
+    def test_keep_actors_reuses_the_previous_calls_actors_until_the_block_ends(self, folder):
+        x = np.concatenate([load_x(folder, "mlp")] * 4)
+        expected = {"output_0": np.concatenate([load_y(folder, "mlp")["output_0"]] * 4)}
+        path, options = folder / "mlp.keras", {"engine": "keras", "backend": BACKEND, "cluster": "ray"}
+        with keep_actors() as kept:
+            assert_same(kerasfleet.predict(path, x, **options), expected)
+            (fleet,) = kept.fleets()
+            fleet.wait_ready(60)
+            pids = sorted(fleet.pids)
+            assert_same(kerasfleet.predict(path, x, **options), expected)  # no actor started
+            assert kept.fleets() == [fleet] and sorted(fleet.pids) == pids and fleet.restarts == 0
+            with keep_actors():  # nested: the same kept fleet, until the outer block ends
+                assert_same(kerasfleet.predict(path, x[:10], **options), {"output_0": expected["output_0"][:10]})
+            assert kept.fleets() == [fleet]
+            # Other options: the kept fleet is closed first (its actors hold both CPUs), then replaced.
+            assert_same(kerasfleet.predict(path, x, batch_size=16, **options), expected)
+            (other,) = kept.fleets()
+            assert other is not fleet and not fleet.usable and other.usable
+        assert not other.usable and kept.fleets() == [] and kept_actors() is None
+        deadline = time.monotonic() + 30
+        while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(psutil.pid_exists(p) for p in pids)  # the actors' processes are gone
+
+    def test_files_that_cannot_be_shipped_fail_the_start_with_the_reason(self, folder, monkeypatch):
+        """The model's files are put in the object store by a thread while the actors start:
+        a failure there still ends the fleet's start, and says why."""
+        put = ray.put
+
+        def refuse_files(value, **kwargs):
+            if isinstance(value, bytes):  # the shipped files; chunks are PredictChunk objects
+                raise OSError("object store full")
+            return put(value, **kwargs)
+
+        monkeypatch.setattr(ray, "put", refuse_files)
+        with kerasfleet.Fleet(folder / "mlp.keras", engine="keras", backend=BACKEND, cluster="ray", max_retries=1) as fleet:
+            with pytest.raises(WorkerStartError, match="could not be shipped: OSError: object store full"):
+                fleet.wait_ready(60)
 
     def test_sweep_on_ray_actors_equals_local_with_deadlines_and_crashes(self, tmp_path):
         grid = {"mode": ["ok", "hang", "sigkill", "raise"]}

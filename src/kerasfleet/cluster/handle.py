@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
 from ..runtime.plan import WorkerSlot
@@ -29,7 +30,9 @@ _EOF = object()
 
 
 class RayWorker:
-    def __init__(self, ray: Any, actor_class: Any, slot: WorkerSlot, init: WorkerInit, env: dict[str, str], node: str) -> None:
+    def __init__(
+        self, ray: Any, actor_class: Any, slot: WorkerSlot, init: Future[WorkerInit], env: dict[str, str], node: str
+    ) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._ray = ray
@@ -50,7 +53,10 @@ class RayWorker:
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
-        self._watch(self.actor.start.remote(list(sys.path), os.getcwd(), env, slot.cpus, node, init), None)
+        # The actor's process starts now; its `start` call goes once the init's files are in
+        # the object store (at once for a replacement: the future is long done).
+        where = (list(sys.path), os.getcwd(), env, slot.cpus, node)
+        init.add_done_callback(lambda shipped: self._start(where, shipped))
 
     # -- the supervisor thread ---------------------------------------------------------------
     def send(self, msg: Any) -> None:
@@ -114,6 +120,16 @@ class RayWorker:
             self._r = self._w = -1
 
     # -- any thread ---------------------------------------------------------------------------
+    def _start(self, where: tuple[Any, ...], shipped: Future[WorkerInit]) -> None:
+        """The supervisor's thread or the shipping one: send the actor its `start` call."""
+        try:
+            init = shipped.result()
+        except BaseException as exc:  # noqa: BLE001 - reported as this actor's failed start
+            self._end(f"its files could not be shipped: {type(exc).__name__}: {exc}")
+            return
+        if not self._eof:  # a worker killed meanwhile gets no call
+            self._watch(self.actor.start.remote(*where, init), None)
+
     def _end(self, reason: str) -> None:
         if not self._eof:
             try:

@@ -3,7 +3,8 @@
     plan(workers, threads, devices)  the runtime's plan per node (layout.py), and each slot's node
     spawner(init, backend, nodes)    slot -> RayWorker, for `runtime.Supervisor`
     stage(payload)                   put a payload (a chunk's rows) in the object store once
-    ship(init, files)                the handler's files (model, ONNX export) through the object store
+    ship(init, files)                the handler's files (model, ONNX export) through the object store,
+                                     put by a thread while the actors start (a future of the init)
 
 Data never goes through /dev/shm on a cluster: a chunk's input rows are `ray.put` by the caller
 (one copy into the local object store, then Ray moves them to the actor's node), its outputs
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +46,16 @@ class RayCluster:
         # cores) wait for it, up to the fleet's start_timeout, rather than share cores.
         return cluster_plan(self.nodes(), workers, threads_per_worker, devices)
 
-    def spawner(self, init: WorkerInit, backend: str, nodes: tuple[str, ...]) -> Callable[[WorkerSlot], RayWorker]:
+    def spawner(
+        self, init: WorkerInit | Future[WorkerInit], backend: str, nodes: tuple[str, ...]
+    ) -> Callable[[WorkerSlot], RayWorker]:
         # The caller's KERASFLEET_* settings (cache folder, test fault injection) reach the
         # actors as they reach local workers through the inherited environment.
         passed = {k: v for k, v in os.environ.items() if k.startswith("KERASFLEET_")}
+        if isinstance(init, WorkerInit):
+            ready: Future[WorkerInit] = Future()
+            ready.set_result(init)
+            init = ready
 
         def spawn(slot: WorkerSlot) -> RayWorker:
             env = {**worker_environment(slot, backend), **passed}
@@ -59,12 +68,27 @@ class RayCluster:
     def stage(self, payload: Any, label: str = "") -> Staged:
         return Staged(self.ray.put(payload), label)
 
-    def ship(self, init: WorkerInit, files: Mapping[str, str | os.PathLike[str] | None]) -> WorkerInit:
-        """`init` with the named config fields' files shipped through the object store."""
-        shipped = {}
-        for field, path in files.items():
-            if path is None:
-                continue
-            data = Path(path).read_bytes()
-            shipped[field] = ShippedFile(self.ray.put(data), hashlib.sha256(data).hexdigest(), Path(path).name)
-        return WorkerInit(SHIPPED_HANDLER, Shipped(init.handler, init.config, shipped), init.sys_path, init.cwd)
+    def ship(self, init: WorkerInit, files: Mapping[str, str | os.PathLike[str] | None]) -> Future[WorkerInit]:
+        """`init` with the named config fields' files shipped through the object store, soon.
+
+        The files are read here (an unreadable one fails the caller at once, as before); they
+        are hashed and put in the object store by a thread, while the actors' processes start:
+        a process's first put alone takes about 0.1 s (the store's connection), and hashing
+        and copying a large model file another fraction of a second per 100 MB. Each actor
+        gets its `start` call once the files are in the store.
+        """
+        data = {field: (Path(path).name, Path(path).read_bytes()) for field, path in files.items() if path is not None}
+        shipped: Future[WorkerInit] = Future()
+
+        def put() -> None:
+            try:
+                refs = {
+                    field: ShippedFile(self.ray.put(content), hashlib.sha256(content).hexdigest(), name)
+                    for field, (name, content) in data.items()
+                }
+                shipped.set_result(WorkerInit(SHIPPED_HANDLER, Shipped(init.handler, init.config, refs), init.sys_path, init.cwd))
+            except BaseException as exc:  # noqa: BLE001 - the actors report it as their start's failure
+                shipped.set_exception(exc)
+
+        threading.Thread(target=put, name="kerasfleet-ship", daemon=True).start()
+        return shipped

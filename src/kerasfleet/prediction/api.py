@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..cluster import check_cluster
+from ..cluster.kept import kept_actors
 from ..engines import row_bytes
 from ..engines.model_file import resolve_model
 from ..engines.onnx_engine import OnnxEngine
@@ -63,7 +64,8 @@ def predict(
     on held-out rows of `calibration` (default: the first rows of `x`); else `PrecisionRefused`
     with the numbers. The verdict is cached per model and machine.
     `cluster`: None (this machine), "ray" or a Ray address: the workers are Ray actors over the
-    cluster's nodes, with the same engines and results (see `kerasfleet.cluster`).
+    cluster's nodes, with the same engines and results (see `kerasfleet.cluster`); inside
+    `kerasfleet.cluster.keep_actors()` they are kept for the next calls of the block.
     Bad input is refused before any worker starts. For repeated calls keep a `Fleet`.
     """
     check_batch_size(batch_size)
@@ -106,6 +108,9 @@ def predict(
             local = in_process_for(model_file, options, sources[0].rows, sources[0].rows * row_bytes(source_rows(sources)))
             if local is not None:
                 return local.predict(sources, out, progress)
+        kept = kept_actors() if cluster is not None else None
+        if kept is not None:  # inside keep_actors(): the previous call's actors, or kept for the next
+            return kept.fleet(model_file, cluster, options).predict(x, batch_size=batch_size, out=out, progress=progress)
         with Fleet(model_file, cluster=cluster, **options) as fleet:
             return fleet.predict(x, batch_size=batch_size, out=out, progress=progress)
     finally:

@@ -65,10 +65,12 @@ BACKENDS = ("jax", "tensorflow", "torch", "numpy")
 # while the worker may be sending a reply, and neither may block on the other.
 INLINE_MAX_BYTES = 64 << 10
 # Chunks on a Ray cluster hold up to this many batches (8 locally): a chunk's call costs about
-# 0.7 ms of Ray scheduling plus an object-store put and fetch (a local pipe round trip: about
-# 0.1 ms), so larger chunks keep that overhead small; there are still about four per actor
-# for load balancing, and a lost actor's chunk is redone whole.
-CLUSTER_MAX_BATCHES_PER_CHUNK = 32
+# 0.7 ms of Ray scheduling, and its actor spends 3-6 ms putting the outputs in the object
+# store before it starts the next one (a local pipe round trip: about 0.1 ms), so larger
+# chunks keep that overhead small (bench MLP, warm, 2 actors: 1.06-1.09M rows/s at 32,
+# 1.15-1.18M at 64); there are still about four per actor for load balancing, and a lost
+# actor's chunk is redone whole.
+CLUSTER_MAX_BATCHES_PER_CHUNK = 64
 
 
 def check_backend(backend: Any) -> None:
@@ -211,12 +213,12 @@ class Fleet:
                 warm_key=warm_key,
                 ov_precision=res.ov_precision,
             )
+            self._warm_key = warm_key
             init = WorkerInit(HANDLER, config)
             backend_name = self.backend
             spawn: Callable[[WorkerSlot], WorkerHandle]
             if self._cluster is not None:
-                files = {"model_path": config.model_path, "onnx_path": config.onnx_path}
-                spawn = self._cluster.spawner(self._cluster.ship(init, files), backend_name, nodes)
+                spawn = self._cluster.spawner(self._cluster.ship(init, shipped_files(config)), backend_name, nodes)
             else:
                 spawn = lambda slot: LocalWorker(slot, init, worker_environment(slot, backend_name))  # noqa: E731
             self._shapes = _Shapes()
@@ -350,6 +352,11 @@ class Fleet:
         return self._model.path
 
     @property
+    def usable(self) -> bool:
+        """Open and not broken: a call would run."""
+        return not self._closed and self._supervisor.broken is None
+
+    @property
     def restarts(self) -> int:
         return self._supervisor.restarts
 
@@ -383,11 +390,7 @@ class Fleet:
         batch = batch_size or self._resolution.batch_for(row_specs)
         if rows == 0:
             return _EmptyCall(self._outputs((batch, row_specs)), out)
-        if (
-            out is None
-            and all(s.array is not None for s in sources)
-            and rows * self._row_bytes(batch, row_specs) <= INLINE_MAX_BYTES
-        ):
+        if out is None and all(s.array is not None for s in sources) and self._fits_inline(rows, batch, row_specs):
             key = (bucket(rows, batch), row_specs)
             outputs = self._outputs(key)
             arrays = tuple(np.ascontiguousarray(s.array, dtype=s.dtype) for s in sources)
@@ -395,11 +398,35 @@ class Fleet:
             return _InlineCall(self._supervisor, future, outputs, rows)
         key = (batch, row_specs)
         if self._cluster is not None:
-            return _RemoteCall(
-                self._supervisor, self._cluster, key, sources, self.plan.workers, self._outputs(key), out, self._retry
-            )
+            outputs_of = self._outputs_when_needed(key, out)
+            return _RemoteCall(self._supervisor, self._cluster, key, sources, self.plan.workers, outputs_of, out, self._retry)
         job = Job(key, sources, self.plan.workers, self._buffers, self._outputs(key), out)
         return _JobCall(self._supervisor, job, self._retry)
+
+    def _fits_inline(self, rows: int, batch: int, row_specs: tuple[tuple[tuple[int, ...], str], ...]) -> bool:
+        # The inputs alone rule out most large calls: those need not wait for a worker's
+        # warm-up to learn the outputs' size (the first call of a fleet that is still starting).
+        if rows * row_bytes(row_specs) > INLINE_MAX_BYTES:
+            return False
+        return rows * self._row_bytes(batch, row_specs) <= INLINE_MAX_BYTES
+
+    def _outputs_when_needed(self, key: Key, out: Any) -> Callable[[], Outputs]:
+        """The outputs of `key`, for a call on a cluster: now, or once its first chunk is back.
+
+        Waiting costs a one-shot call its actors' whole start before a chunk is staged; the
+        warm shape's outputs arrive with the actors' `Ready`, before any chunk's reply, so
+        that call stages its chunks while the actors start. `out=` files must be opened first,
+        and any other shape is probed first (a probe queued behind the chunks would delay
+        the copy of every chunk's result to the end).
+        """
+        with self._shapes.lock:
+            known = self._shapes.outputs.get(key)
+        if known is not None:
+            return lambda: known
+        if out is not None or key != self._warm_key:
+            outputs = self._outputs(key)
+            return lambda: outputs
+        return lambda: self._outputs(key)
 
     def _row_bytes(self, batch: int, row_specs: tuple[tuple[tuple[int, ...], str], ...]) -> int:
         """Bytes of one row in and out: what an inline request carries per row."""
@@ -527,7 +554,8 @@ class _RemoteCall(_Call):
     this thread, just before it is submitted, and its outputs come back as the call's result,
     copied here into the result by row index; `.npy` inputs and `out=` files are mapped by the
     actors, by path. A chunk whose actor died is sent again by reference: its rows are not
-    copied twice.
+    copied twice. The outputs' shapes are asked for only when the first chunk is back, so a
+    fleet's first call stages its chunks while its actors start.
     """
 
     def __init__(
@@ -537,18 +565,18 @@ class _RemoteCall(_Call):
         key: Key,
         sources: list[Source],
         workers: int,
-        outputs: Outputs,
+        outputs: Callable[[], Outputs],
         out: Any,
         retry: RetryPolicy,
     ) -> None:
         self._supervisor = supervisor
         self.rows = sources[0].rows
-        self._outputs = outputs
+        self._outputs_of = outputs
         self.chunks = chunk_bounds(self.rows, key[0], workers, CLUSTER_MAX_BATCHES_PER_CHUNK)
         self._paths: list[str] | None = None
         out_specs: tuple[BufferSpec, ...] | None = None
         if out is not None:
-            self._paths, arrays = open_out_files(out, outputs, self.rows)
+            self._paths, arrays = open_out_files(out, outputs(), self.rows)
             out_specs = tuple(
                 BufferSpec("file", p, int(a.offset), a.dtype.str, tuple(a.shape), True)  # type: ignore[attr-defined]
                 for p, a in zip(self._paths, arrays)
@@ -571,13 +599,19 @@ class _RemoteCall(_Call):
             raise
 
     def result(self, on_progress: Any) -> Any:
-        arrays = self._outputs.empty(self.rows) if self._paths is None else []
+        outputs: Outputs | None = None
+        arrays: list[Any] = []
         where = dict(zip(self._futures, self.chunks))
         pending: set[Future[Any]] = set(self._futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for f in done:
                 parts = f.result()  # raises the chunk's error; close() then drops the rest
+                if outputs is None:
+                    # A chunk is back, so its actor's Ready (with the warm shape's outputs)
+                    # was handled before: known here without a probe.
+                    outputs = self._outputs_of()
+                    arrays = outputs.empty(self.rows) if self._paths is None else []
                 lo, hi = where[f]
                 if parts is not None:
                     for dst, part in zip(arrays, parts):
@@ -587,11 +621,20 @@ class _RemoteCall(_Call):
         self._futures = []
         if self._paths is not None:
             arrays = [np.load(p, mmap_mode="r") for p in self._paths]
-        return self._outputs.pack(arrays)
+        return (outputs or self._outputs_of()).pack(arrays)
 
     def close(self) -> None:
         for f in self._futures:
             f.cancel()  # queued chunks are dropped; running ones finish and are thrown away
+
+
+def shipped_files(config: EngineConfig) -> dict[str, str | None]:
+    """The files a cluster's actors read, by config field: the ONNX export alone for the graph
+    engines (they never open the model file), the model file for Keras. Each one is read,
+    hashed, put in the object store and written on every node, so none is sent for nothing."""
+    if config.onnx_path is not None and config.name != "keras":
+        return {"onnx_path": config.onnx_path}
+    return {"model_path": config.model_path, "onnx_path": config.onnx_path}
 
 
 def _load_error(path: str) -> Any:
