@@ -45,6 +45,7 @@ class KeptActors:
         with self._lock:
             fleet = self._fleets.get(key)
             if fleet is None or not fleet.usable:
+                check_fleet_options(cluster, options)  # bad input refused before the kept fleet is closed
                 for other in self._fleets.values():  # their actors hold the cores the new ones need
                     other.close()
                 self._fleets.clear()
@@ -62,6 +63,18 @@ class KeptActors:
             fleets, self._fleets = list(self._fleets.values()), {}
         for fleet in fleets:
             fleet.close()
+
+
+def check_fleet_options(cluster: Any, options: dict[str, Any]) -> None:
+    """What `Fleet(cluster=...)` refuses before it starts anything: checked without starting."""
+    from ..prediction.fleet import check_backend, check_batch_size
+    from ..tune import check_engine
+    from .connection import connect
+
+    check_engine(options["engine"])
+    check_backend(options["backend"])
+    check_batch_size(options["batch_size"])
+    connect(cluster).plan(options["workers"], options["threads_per_worker"], options["devices"])
 
 
 _scope: KeptActors | None = None
