@@ -1,6 +1,6 @@
 """`keep_actors()`: one-shot `predict(..., cluster=)` calls that reuse the previous call's actors.
 
-    with kerasfleet.cluster.keep_actors():
+    with kerasfleet.keep_actors():
         for part in parts:
             y = kerasfleet.predict("model.keras", part, cluster="ray")   # actors started once
 
@@ -27,7 +27,7 @@ from ..cache import model_hash
 
 if TYPE_CHECKING:
     from ..engines.model_file import ModelFile
-    from ..prediction.fleet import Fleet
+    from .fleet import Fleet
 
 
 class KeptActors:
@@ -39,7 +39,7 @@ class KeptActors:
 
     def fleet(self, model_file: ModelFile, cluster: Any, options: dict[str, Any]) -> Fleet:
         """The kept fleet for this call, started on first use (or again, if it broke)."""
-        from ..prediction.fleet import Fleet
+        from .fleet import Fleet
 
         key = (model_hash(model_file.path), repr(cluster), repr(sorted(options.items())))
         with self._lock:
@@ -67,9 +67,9 @@ class KeptActors:
 
 def check_fleet_options(cluster: Any, options: dict[str, Any]) -> None:
     """What `Fleet(cluster=...)` refuses before it starts anything: checked without starting."""
-    from ..prediction.fleet import check_backend, check_batch_size
+    from ..cluster import connect
     from ..tune import check_engine
-    from .connection import connect
+    from .fleet import check_backend, check_batch_size
 
     check_engine(options["engine"])
     check_backend(options["backend"])
