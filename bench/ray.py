@@ -11,7 +11,7 @@ and small CNN (32x32x3) it times, on the same input:
   back in order (`preserve_order=True`), at the best of B = 256, 1024, 4096. Each run starts its
   actor pool (Ray Data keeps no pool between executions);
 - `kerasfleet.predict(path, x, cluster="ray")`: one-shot, its actors' start included, the same
-  call inside `kerasfleet.cluster.keep_actors()` (opt-in: the actors of a first call in the
+  call inside `kerasfleet.keep_actors()` (opt-in: the actors of a first call in the
   block are reused), and a warm `Fleet(path, cluster="ray")` (best of three calls);
 - local kerasfleet: one-shot `kerasfleet.predict(path, x)` and a warm `Fleet(path)`.
 
@@ -129,7 +129,7 @@ def bench_model(name: str, rows: int, tmp: Path, repeat: int, batches: tuple[int
     import keras
 
     import kerasfleet
-    from kerasfleet.cluster import keep_actors
+    from kerasfleet import keep_actors
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([*body_layers(name), keras.layers.Dense(10)])

@@ -88,6 +88,9 @@ def tensorflow_seeded(use_tf, seed):
     had_tf = "tensorflow" in sys.modules
     draw = 0.0
     if use_tf:
+        import importlib.util
+
+        importlib.util.find_spec("tensorflow")  # a probe first, as libraries do: TF must still be seeded
         import tensorflow as tf
 
         draw = float(tf.random.uniform(()))

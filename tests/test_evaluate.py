@@ -98,12 +98,18 @@ def test_a_warm_fleet_is_reused_and_left_open(zoo):
         from eval_fns import crps_gaussian_quadrature
 
         scored = [kerasfleet.evaluate(fleet, x, y, metrics=[crps_gaussian_quadrature], workers=1) for _ in range(2)]
-        pool = fleet._attached["scores"][1]
-        assert scored[0] == scored[1] and not pool._supervisor.closed
-        kerasfleet.evaluate(fleet, x, y, metrics=[lambda t, p: np.abs(t - p).mean(axis=1)], workers=1)  # others: old pool closed
-        assert fleet._attached["scores"][1] is not pool and pool._supervisor.closed
-        newer = fleet._attached["scores"][1]
-    assert newer._supervisor.closed  # closed with the fleet
+        (pool,) = fleet._attached.values()
+        assert scored[0] == scored[1] and not pool._supervisor.closed and not pool.in_use.locked()
+        # A function travels as it is at the call: a changed closure value gets new workers.
+        scale = [1.0]
+        scaled = lambda t, p: np.abs(t - p).mean(axis=1) * scale[0]  # noqa: E731
+        once = kerasfleet.evaluate(fleet, x, y, metrics=[scaled], workers=1)["score_0"]
+        scale[0] = 2.0
+        twice = kerasfleet.evaluate(fleet, x, y, metrics=[scaled], workers=1)["score_0"]
+        np.testing.assert_allclose(twice, 2 * once, rtol=1e-6)
+        assert pool._supervisor.closed and len(fleet._attached) == 2  # the last two sets kept
+        kept = list(fleet._attached.values())
+    assert all(p._supervisor.closed for p in kept)  # closed with the fleet
     np.testing.assert_allclose(first["loss"], want["loss"], rtol=1e-5)
     assert set(second) == {"loss", "mae"}
     assert_clean()

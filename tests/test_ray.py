@@ -17,10 +17,10 @@ import pytest
 
 import kerasfleet
 from conftest import HERE, assert_clean, assert_same, leftovers, load_x, load_y
-from kerasfleet.cluster import keep_actors
-from kerasfleet.cluster.kept import kept_actors
+from kerasfleet import keep_actors
 from kerasfleet.cluster.layout import NodeFacts, cluster_plan
 from kerasfleet.errors import FleetError, InputError, WorkerStartError
+from kerasfleet.prediction.kept import kept_actors
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(240)

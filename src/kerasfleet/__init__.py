@@ -4,6 +4,7 @@
     kerasfleet.Fleet(model)               warm workers for repeated calls and streams
     kerasfleet.Predictor(model)           low latency in this process, no retracing after warm-up
     kerasfleet.make_plan()                workers, threads, cores and GPUs it would use
+    kerasfleet.keep_actors()              a block whose one-shot predict(cluster=) calls reuse their Ray actors
     kerasfleet.evaluate(model, x, y)      model.evaluate's dict, over the fleet; NumPy per-row scores in workers
     kerasfleet.serve(models) / Server     an HTTP server (KServe V2, TF Serving REST) with dynamic batching
     kerasfleet.sweep(fn, grid, seeds=)    every config x seed in worker processes, timeouts, SQLite, resume
@@ -40,6 +41,7 @@ __all__ = [
     "data_parallel",
     "devices",
     "evaluate",
+    "keep_actors",
     "make_plan",
     "predict",
     "serve",
@@ -50,6 +52,7 @@ __all__ = [
 _LAZY = {
     "Fleet": ".prediction.fleet",
     "predict": ".prediction.api",
+    "keep_actors": ".prediction.kept",
     "evaluate": ".evaluation.evaluate",
     "Predictor": ".prediction.predictor",
     "make_plan": ".runtime.plan",
@@ -87,6 +90,7 @@ if TYPE_CHECKING:
     from .evaluation.evaluate import evaluate
     from .prediction.api import predict
     from .prediction.fleet import Fleet
+    from .prediction.kept import keep_actors
     from .prediction.predictor import Predictor
     from .runtime.plan import Plan, make_plan
     from .serving.server import Server, serve

@@ -5,7 +5,6 @@
     ray_backend.py  RayCluster: nodes, plan, spawning actors, staging data in the object store
     handle.py    RayWorker: a runtime `WorkerHandle` whose process is a Ray actor
     actor.py     the actor: the runtime's worker session (same handlers, same engines)
-    kept.py      keep_actors(): one-shot predict calls that reuse the previous call's actors (opt-in)
 
 Workers are Ray actors behind the runtime's `WorkerHandle` interface, so the supervisor's
 retry policies, deadlines, retirement and crash accounting are the ones local workers get.
@@ -16,19 +15,17 @@ Nothing here imports Ray at import time: `import kerasfleet` never does; Ray is 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["RayCluster", "Staged", "check_cluster", "connect", "keep_actors"]
+__all__ = ["RayCluster", "Staged", "check_cluster", "connect"]
 
 _LAZY = {
     "RayCluster": ".ray_backend",
     "Staged": ".layout",
     "check_cluster": ".connection",
     "connect": ".connection",
-    "keep_actors": ".kept",
 }
 
 if TYPE_CHECKING:
     from .connection import check_cluster, connect
-    from .kept import keep_actors
     from .layout import Staged
     from .ray_backend import RayCluster
 

@@ -127,8 +127,12 @@ class RayWorker:
         except BaseException as exc:  # noqa: BLE001 - reported as this actor's failed start
             self._end(f"its files could not be shipped: {type(exc).__name__}: {exc}")
             return
-        if not self._eof:  # a worker killed meanwhile gets no call
+        if self._eof:  # a worker killed meanwhile gets no call
+            return
+        try:
             self._watch(self.actor.start.remote(*where, init), None)
+        except BaseException as exc:  # noqa: BLE001 - a done-callback's exception would only be logged
+            self._end(f"its start call failed: {type(exc).__name__}: {exc}")
 
     def _end(self, reason: str) -> None:
         if not self._eof:

@@ -30,9 +30,10 @@ Keras does (`engine="keras"`, or ONNX, whose export is checked to rtol 1e-4, ato
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ def evaluate(
         check_batch_size(batch_size)
         model_file = resolve_model(model, custom_objects)
     pool: ScorePool | None = None
+    owned = True
     try:
         if model_file is not None:
             # As predict does: when starting workers costs more than they save for this many
@@ -131,23 +133,19 @@ def evaluate(
         if local is None and fleet is None:
             fleet = Fleet(model_file if model_file is not None else model, cluster=cluster, **options)
         if score_fns:
-            score_workers = workers if cluster is None else None  # on this machine
-            if given_fleet is not None:  # kept warm with the fleet for the next evaluation with these functions
-                ident = (tuple(score_fns), score_workers)
-                pool = given_fleet.attached("scores", ident, lambda: ScorePool(score_fns, score_workers, given_fleet.backend))
-            else:
-                pool = ScorePool(score_fns, score_workers, fleet.backend if fleet is not None else options["backend"])
+            pool, owned = _score_pool(score_fns, workers if cluster is None else None, given_fleet, fleet, options["backend"])
         bounds = _windows(rows, _window_rows(xs, ys, rows))
         tracker = _Tracker(keras_model if compiled else None, keras_extra)
         scores: list[np.ndarray[Any, Any]] = []
         bar = progress_bar(rows, progress)
+        windows = (xs.window(lo, hi) for lo, hi in bounds)
+        predictions: Generator[Any, None, None]
+        if local is not None:
+            predictions = _one_ahead(functools.partial(local.predict, progress=False), windows)
+        else:
+            assert fleet is not None
+            predictions = fleet.imap(windows, batch_size=batch_size, max_inflight=2)  # type: ignore[assignment]
         try:
-            windows = (xs.window(lo, hi) for lo, hi in bounds)
-            if local is not None:
-                predictions = _one_ahead(local.predict, windows)
-            else:
-                assert fleet is not None
-                predictions = fleet.imap(windows, batch_size=batch_size, max_inflight=2)
             for (lo, hi), y_pred in zip(bounds, predictions):
                 y_true = ys.window(lo, hi)
                 weight = ws.window(lo, hi) if ws is not None else None
@@ -157,6 +155,8 @@ def evaluate(
                 if bar is not None:
                     bar.update(hi - lo)
         finally:
+            # Also on an early exit: a fleet's in-flight windows, or the thread predicting the next one, end here.
+            predictions.close()
             if bar is not None:
                 bar.close()
         results = tracker.result()
@@ -168,8 +168,11 @@ def evaluate(
                 per_row[name] = values
                 results[name] = float(np.average(values, weights=weights)) if len(values) else math.nan
     finally:
-        if pool is not None and given_fleet is None:
-            pool.close()
+        if pool is not None:
+            if owned:
+                pool.close()
+            else:
+                pool.in_use.release()
         if fleet is not None and given_fleet is None:
             fleet.close()  # a fleet passed in stays warm for the caller's next call
         if model_file is not None:
@@ -360,7 +363,25 @@ def _rows_of(value: Any) -> int:
     return int(_leaves(value)[0].shape[0])
 
 
-def _one_ahead(predict: Callable[[Any], Any], windows: Iterator[Any]) -> Iterator[Any]:
+def _score_pool(
+    score_fns: list[tuple[str, Callable[..., Any]]], workers: int | None, given: Fleet | None, fleet: Fleet | None, backend: str
+) -> tuple[ScorePool, bool]:
+    """(score workers, whether this call owns them): a warm Fleet's kept pool when it is free -
+    the functions as pickled now (their globals and closures included) are the key, so a
+    changed global gets new workers - else a pool of this call's own."""
+    import cloudpickle
+
+    blob = cloudpickle.dumps(score_fns)
+    owner = given or fleet
+    make = functools.partial(ScorePool, score_fns, workers, owner.backend if owner is not None else backend, blob)
+    if given is not None:
+        kept: ScorePool = given.attached("scores", blob + repr(workers).encode(), make)
+        if kept.in_use.acquire(blocking=False):
+            return kept, False
+    return make(), True
+
+
+def _one_ahead(predict: Callable[[Any], Any], windows: Iterator[Any]) -> Generator[Any, None, None]:
     """predict(window) for each window, in order, the next one computed (in a thread: the
     engine releases the GIL) while the caller uses the last one."""
     with ThreadPoolExecutor(1, thread_name_prefix="kerasfleet-evaluate") as ahead:

@@ -15,6 +15,7 @@ message to a busy worker would block the supervisor).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
@@ -42,8 +43,9 @@ _CHUNKS_PER_WORKER = 4
 # Rows per call of a score function tried by each worker (SliceSize).
 SLICE_SIZES = (1024, 4096, 16384)
 # glibc: keep freed memory in the heap instead of returning it (and faulting it in again) at
-# every NumPy temporary over the mmap threshold. Score workers live for one evaluation.
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# every NumPy temporary over the mmap threshold. Bounded: score workers kept with a warm Fleet
+# idle between evaluations, holding at most this much freed memory each.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 @dataclass(frozen=True)
@@ -169,11 +171,12 @@ def score_handler(blob: bytes) -> ScoreHandler:
 class ScorePool:
     """Score workers, one per core (or `workers`), kept for every window of one evaluation."""
 
-    def __init__(self, fns: list[tuple[str, Callable[..., Any]]], workers: int | None, backend: str) -> None:
+    def __init__(self, fns: list[tuple[str, Callable[..., Any]]], workers: int | None, backend: str, blob: bytes | None = None) -> None:
         import cloudpickle
 
         self.names = [name for name, _ in fns]
-        blob = cloudpickle.dumps(fns)
+        blob = blob if blob is not None else cloudpickle.dumps(fns)
+        self.in_use = threading.Lock()  # one evaluation at a time uses a pool kept with a Fleet
         plan = make_plan(workers, None, devices="cpu")
         self.workers = plan.workers
         init = WorkerInit(HANDLER, blob)

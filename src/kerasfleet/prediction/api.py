@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 from ..cluster import check_cluster
-from ..cluster.kept import kept_actors
 from ..engines import row_bytes
 from ..engines.model_file import resolve_model
 from ..engines.onnx_engine import OnnxEngine
@@ -25,6 +24,7 @@ from .calibration import InputRows
 from .fleet import Fleet, check_backend, check_batch_size
 from .inputs import Source, normalize_inputs
 from .jobs import check_out, load_sources, open_out_files, source_rows
+from .kept import kept_actors
 from .progress import progress_bar
 from .shards import check_shard_out, is_shard_folder, shard_files
 
@@ -65,7 +65,7 @@ def predict(
     with the numbers. The verdict is cached per model and machine.
     `cluster`: None (this machine), "ray" or a Ray address: the workers are Ray actors over the
     cluster's nodes, with the same engines and results (see `kerasfleet.cluster`); inside
-    `kerasfleet.cluster.keep_actors()` they are kept for the next calls of the block.
+    `kerasfleet.keep_actors()` they are kept for the next calls of the block.
     Bad input is refused before any worker starts. For repeated calls keep a `Fleet`.
     """
     check_batch_size(batch_size)

@@ -71,6 +71,8 @@ INLINE_MAX_BYTES = 64 << 10
 # 1.15-1.18M at 64); there are still about four per actor for load balancing, and a lost
 # actor's chunk is redone whole.
 CLUSTER_MAX_BATCHES_PER_CHUNK = 64
+# Helpers kept per key by Fleet.attached (score workers: a few sets of functions in turn).
+_ATTACHED_PER_KEY = 2
 
 
 def check_backend(backend: Any) -> None:
@@ -237,7 +239,8 @@ class Fleet:
             if owned:
                 self._model.cleanup()
             raise
-        self._attached: dict[Any, Any] = {}
+        self._attached: dict[tuple[str, bytes], Any] = {}
+        self._attached_lock = threading.Lock()
         self._finalizer = weakref.finalize(
             self, _cleanup, self._supervisor, self._buffers, self._model if owned else None, self._attached
         )
@@ -301,20 +304,22 @@ class Fleet:
             for call in inflight:
                 call.close()
 
-    def attached(self, key: str, ident: Any, make: Callable[[], Any]) -> Any:
+    def attached(self, key: str, ident: bytes, make: Callable[[], Any]) -> Any:
         """A helper kept with this fleet and closed with it: what repeated calls on a warm fleet
-        reuse (evaluate's score workers). One per `key`: asked for with another `ident`, the old
-        one is closed and `make()` builds its replacement."""
-        self._check_open()
-        held = self._attached.get(key)
-        if held is not None and held[0] == ident:
-            return held[1]
-        if held is not None:
-            del self._attached[key]
-            held[1].close()
-        made = make()
-        self._attached[key] = (ident, made)
-        return made
+        reuse (evaluate's score workers). Kept per (`key`, `ident`), the last few of each key;
+        asked for with an `ident` not kept, `make()` builds one, and the oldest beyond
+        _ATTACHED_PER_KEY is closed."""
+        with self._attached_lock:
+            self._check_open()
+            held = self._attached.pop((key, ident), None)
+            if held is None:
+                held = make()
+            self._attached[(key, ident)] = held  # most recent last
+            same_key = [k for k in self._attached if k[0] == key]
+            evicted = [self._attached.pop(k) for k in same_key[:-_ATTACHED_PER_KEY]]
+        for old in evicted:
+            old.close()
+        return held
 
     def close(self) -> None:
         """Stop the workers and free every buffer. Safe to call twice."""
@@ -653,12 +658,14 @@ def _load_error(path: str) -> Any:
 
 def _cleanup(supervisor: Supervisor, buffers: SharedBuffers, model: ModelFile | None, attached: dict[Any, Any]) -> None:
     """Run by `close()` and at garbage collection or exit: no process, segment or temp file survives."""
-    while attached:
-        attached.popitem()[1][1].close()
-    supervisor.close()
-    buffers.release()
-    if model is not None:
-        model.cleanup()
+    try:
+        while attached:
+            attached.popitem()[1].close()
+    finally:
+        supervisor.close()
+        buffers.release()
+        if model is not None:
+            model.cleanup()
 
 
 def _describe_key(key: Key) -> str:

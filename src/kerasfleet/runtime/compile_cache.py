@@ -39,9 +39,9 @@ def compile_cache_env(setting: Any) -> dict[str, str]:
             return {}  # the user's own cache, with their own settings
         folder = cache_dir() / "jax-compile"
     else:
-        folder = Path(setting)
+        folder = Path(setting).expanduser().resolve()  # workers may start in another folder
     if importlib.util.find_spec("filelock") is None:
-        return {}
+        return {}  # JAX's bounded cache needs it (the jax and sweep extras install it)
     return {
         "JAX_COMPILATION_CACHE_DIR": str(folder),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -55,7 +55,7 @@ def check_compile_cache(setting: Any) -> Any:
     if isinstance(setting, bool):
         return setting
     if isinstance(setting, (str, os.PathLike)) and os.fspath(setting):
-        folder = Path(setting)
+        folder = Path(setting).expanduser()
         if folder.exists() and not folder.is_dir():
             raise InputError(f"Expected compile_cache to be a folder. Received: {os.fspath(setting)!r}, a file.")
         return setting

@@ -133,6 +133,7 @@ class TensorFlowSeeder(importlib.abc.MetaPathFinder):
 
     def __init__(self) -> None:
         self.seed: int | None = None
+        self._finding = False
         # Keras's lazy handle on TensorFlow (a private name: if it moves, Keras imports TF as before).
         try:
             from keras.src.utils import module_utils
@@ -158,18 +159,24 @@ class TensorFlowSeeder(importlib.abc.MetaPathFinder):
             self.lazy._available = saved
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "tensorflow" or self.seed is None:
+        # Every lookup gets a seeding loader (a mere find_spec probe, by a library checking
+        # whether TF is installed, must not use the hook up); once TF is imported, Keras seeds it.
+        if fullname != "tensorflow" or self.seed is None or self._finding or "tensorflow" in sys.modules:
             return None
-        sys.meta_path.remove(self)  # once imported, Keras seeds it itself
-        spec = importlib.util.find_spec(fullname)
+        self._finding = True  # the lookup below asks the finders again, this one included
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
         loader = spec.loader if spec is not None else None
         if loader is None or not hasattr(loader, "exec_module"):
             return spec
-        run_module, seed = loader.exec_module, self.seed
+        run_module = loader.exec_module
 
         def exec_module(module: Any) -> None:
             run_module(module)
-            module.random.set_seed(seed)
+            if self.seed is not None:
+                module.random.set_seed(self.seed)  # the running trial's seed, before it uses TF
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec

@@ -1,6 +1,6 @@
 """`keep_actors()`: one-shot `predict(..., cluster=)` calls that reuse the previous call's actors.
 
-    with kerasfleet.cluster.keep_actors():
+    with kerasfleet.keep_actors():
         for part in parts:
             y = kerasfleet.predict("model.keras", part, cluster="ray")   # actors started once
 
@@ -27,7 +27,7 @@ from ..cache import model_hash
 
 if TYPE_CHECKING:
     from ..engines.model_file import ModelFile
-    from ..prediction.fleet import Fleet
+    from .fleet import Fleet
 
 
 class KeptActors:
@@ -39,12 +39,13 @@ class KeptActors:
 
     def fleet(self, model_file: ModelFile, cluster: Any, options: dict[str, Any]) -> Fleet:
         """The kept fleet for this call, started on first use (or again, if it broke)."""
-        from ..prediction.fleet import Fleet
+        from .fleet import Fleet
 
         key = (model_hash(model_file.path), repr(cluster), repr(sorted(options.items())))
         with self._lock:
             fleet = self._fleets.get(key)
             if fleet is None or not fleet.usable:
+                check_fleet_options(cluster, options)  # bad input refused before the kept fleet is closed
                 for other in self._fleets.values():  # their actors hold the cores the new ones need
                     other.close()
                 self._fleets.clear()
@@ -62,6 +63,18 @@ class KeptActors:
             fleets, self._fleets = list(self._fleets.values()), {}
         for fleet in fleets:
             fleet.close()
+
+
+def check_fleet_options(cluster: Any, options: dict[str, Any]) -> None:
+    """What `Fleet(cluster=...)` refuses before it starts anything: checked without starting."""
+    from ..cluster import connect
+    from ..tune import check_engine
+    from .fleet import check_backend, check_batch_size
+
+    check_engine(options["engine"])
+    check_backend(options["backend"])
+    check_batch_size(options["batch_size"])
+    connect(cluster).plan(options["workers"], options["threads_per_worker"], options["devices"])
 
 
 _scope: KeptActors | None = None
