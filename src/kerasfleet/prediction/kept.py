@@ -11,7 +11,9 @@ uses it; leaving the outermost block closes it (nothing outlives the block). One
 kept at a time: a call with another model or options closes the kept one before it starts
 its own, whose actors would otherwise wait for the cores the kept ones hold. Opt-in only:
 outside a block, nothing is kept. A `Fleet(cluster=...)` held by the caller does the same
-for one model.
+for one model. The kept fleets (`keep_actors() as scope`, `scope.fleets()`) are for
+predictions: for an in-memory model their `model_path` is the temporary copy the first call
+removed once its files were shipped.
 
 No Ray import here: the fleets import it when they connect.
 """
