@@ -45,10 +45,8 @@ from ..engines.model_file import resolve_model
 from ..errors import InputError
 from ..prediction import Fleet
 from ..prediction.api import in_process_for
-from ..prediction.fleet import check_backend, check_batch_size
+from ..prediction.fleet import check_fleet_options, fleet_options
 from ..prediction.progress import progress_bar
-from ..runtime import default_backend
-from ..tune import check_engine
 from .scoring import Packing, ScorePool
 
 # Rows per window: about this many bytes of inputs and predictions at a time.
@@ -107,21 +105,19 @@ def evaluate(
     for other in [ys, ws]:
         if other is not None and other.rows != rows:
             raise InputError(f"Expected {other.what} to have as many rows as x ({rows}). Received: {other.rows} rows.")
-    options: dict[str, Any] = {
-        "engine": engine,
-        "workers": workers,
-        "threads_per_worker": threads_per_worker,
-        "devices": "auto",
-        "batch_size": batch_size,
-        "backend": backend or default_backend(),
-        "custom_objects": custom_objects,
-        "safe_mode": safe_mode,
-    }
+    options = fleet_options(
+        engine=engine,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+        devices="auto",
+        batch_size=batch_size,
+        backend=backend,
+        custom_objects=custom_objects,
+        safe_mode=safe_mode,
+    )
     model_file, local, fleet = None, None, given_fleet
     if given_fleet is None and cluster is None:
-        check_engine(engine)
-        check_backend(backend)
-        check_batch_size(batch_size)
+        check_fleet_options(options)
         model_file = resolve_model(model, custom_objects)
     pool: ScorePool | None = None
     owned = True
@@ -133,7 +129,7 @@ def evaluate(
         if local is None and fleet is None:
             fleet = Fleet(model_file if model_file is not None else model, cluster=cluster, **options)
         if score_fns:
-            pool, owned = _score_pool(score_fns, workers if cluster is None else None, given_fleet, fleet, options["backend"])
+            pool, owned = _score_pool(score_fns, workers if cluster is None else None, given_fleet, options["backend"])
         bounds = _windows(rows, _window_rows(xs, ys, rows))
         tracker = _Tracker(keras_model if compiled else None, keras_extra)
         scores: list[np.ndarray[Any, Any]] = []
@@ -364,7 +360,7 @@ def _rows_of(value: Any) -> int:
 
 
 def _score_pool(
-    score_fns: list[tuple[str, Callable[..., Any]]], workers: int | None, given: Fleet | None, fleet: Fleet | None, backend: str
+    score_fns: list[tuple[str, Callable[..., Any]]], workers: int | None, given: Fleet | None, backend: str
 ) -> tuple[ScorePool, bool]:
     """(score workers, whether this call owns them): a warm Fleet's kept pool when it is free -
     the functions as pickled now (their globals and closures included) are the key, so a
@@ -372,8 +368,7 @@ def _score_pool(
     import cloudpickle
 
     blob = cloudpickle.dumps(score_fns)
-    owner = given or fleet
-    make = functools.partial(ScorePool, score_fns, workers, owner.backend if owner is not None else backend, blob)
+    make = functools.partial(ScorePool, score_fns, workers, given.backend if given is not None else backend, blob)
     if given is not None:
         kept: ScorePool = given.attached("scores", blob + repr(workers).encode(), make)
         if kept.in_use.acquire(blocking=False):

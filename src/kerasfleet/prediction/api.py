@@ -17,11 +17,11 @@ from ..engines.model_file import resolve_model
 from ..engines.onnx_engine import OnnxEngine
 from ..engines.registry import EngineConfig, build_engine
 from ..engines.runner import Runner
-from ..runtime import default_backend, make_plan
+from ..runtime import make_plan
 from ..tune import Resolution, check_engine, check_precision, resolve
 from ..tune.precision import MAX_TOP1_DISAGREEMENT, Gate
 from .calibration import InputRows
-from .fleet import Fleet, check_backend, check_batch_size
+from .fleet import Fleet, check_backend, check_batch_size, fleet_options
 from .inputs import Source, normalize_inputs
 from .jobs import check_out, load_sources, open_out_files, source_rows
 from .kept import kept_actors
@@ -87,16 +87,16 @@ def predict(
             sources = normalize_inputs(str(shard_files(x)[0]), model_file.signature)
         else:
             sources = normalize_inputs(x, model_file.signature)  # refused here, before any process starts
-        options: dict[str, Any] = {
-            "engine": engine,
-            "workers": workers,
-            "threads_per_worker": threads_per_worker,
-            "devices": devices,
-            "batch_size": batch_size,
-            "backend": backend or default_backend(),
-            "custom_objects": custom_objects,
-            "safe_mode": safe_mode,
-        }
+        options = fleet_options(
+            engine=engine,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            devices=devices,
+            batch_size=batch_size,
+            backend=backend,
+            custom_objects=custom_objects,
+            safe_mode=safe_mode,
+        )
         if precision != "fp32":
             options.update(
                 precision=precision,

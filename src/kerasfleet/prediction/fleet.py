@@ -47,7 +47,7 @@ from ..runtime import (
     worker_environment,
 )
 from ..runtime.protocol import RemoteError
-from ..tune import check_precision, resolve
+from ..tune import check_engine, check_precision, resolve
 from ..tune.precision import MAX_TOP1_DISAGREEMENT
 from .calibration import precision_request
 from .inputs import Source, normalize_inputs
@@ -83,6 +83,38 @@ def check_backend(backend: Any) -> None:
 def check_batch_size(batch_size: Any, name: str = "batch_size") -> None:
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise InputError(f"Expected {name} to be a positive int or None. Received: {name}={batch_size!r}.")
+
+
+def fleet_options(
+    *,
+    engine: str,
+    workers: int | None,
+    threads_per_worker: int | None,
+    devices: Any,
+    batch_size: int | None,
+    backend: str | None,
+    custom_objects: Any,
+    safe_mode: bool,
+) -> dict[str, Any]:
+    """The keyword arguments a one-shot call (predict, evaluate) gives its Fleet - and that
+    `in_process_for` and `keep_actors` read - with the backend resolved."""
+    return {
+        "engine": engine,
+        "workers": workers,
+        "threads_per_worker": threads_per_worker,
+        "devices": devices,
+        "batch_size": batch_size,
+        "backend": backend or default_backend(),
+        "custom_objects": custom_objects,
+        "safe_mode": safe_mode,
+    }
+
+
+def check_fleet_options(options: dict[str, Any]) -> None:
+    """What `Fleet(**options)` refuses of them before it starts anything (the plan aside)."""
+    check_engine(options["engine"])
+    check_backend(options["backend"])
+    check_batch_size(options["batch_size"])
 
 
 class _Shapes:

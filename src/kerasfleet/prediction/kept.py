@@ -70,12 +70,9 @@ class KeptActors:
 def check_fleet_options(cluster: Any, options: dict[str, Any]) -> None:
     """What `Fleet(cluster=...)` refuses before it starts anything: checked without starting."""
     from ..cluster import connect
-    from ..tune import check_engine
-    from .fleet import check_backend, check_batch_size
+    from .fleet import check_fleet_options
 
-    check_engine(options["engine"])
-    check_backend(options["backend"])
-    check_batch_size(options["batch_size"])
+    check_fleet_options(options)
     connect(cluster).plan(options["workers"], options["threads_per_worker"], options["devices"])
 
 
