@@ -19,3 +19,14 @@ def abs_error_first(y_true, y_pred):
 
 def wrong_shape(y_true, y_pred):
     return np.zeros((len(y_pred), 2))
+
+
+def worker_pid(y_true, y_pred):
+    """The process that scored each row."""
+    import os
+
+    return np.full(len(y_pred), float(os.getpid()))
+
+
+def raises(y_true, y_pred):
+    raise ValueError("a score function that fails")

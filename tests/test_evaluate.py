@@ -81,6 +81,7 @@ def test_a_warm_fleet_is_reused_and_left_open(zoo):
 
     import kerasfleet
     from conftest import assert_clean
+    from kerasfleet import WorkerError
 
     folder = zoo("jax")
     path = folder / "batchnorm_dropout.keras"  # compiled with "mse", trained a little
@@ -94,22 +95,25 @@ def test_a_warm_fleet_is_reused_and_left_open(zoo):
         second = kerasfleet.evaluate(fleet, x[:100], y[:100], metrics=["mae"])
         assert fleet.pids == pids  # the same warm workers, still open
         assert fleet.predict(x[:3]).shape == (3, 4)
-        # Score workers stay with the fleet for the next call with the same functions.
-        from eval_fns import crps_gaussian_quadrature
+        # The fleet's own workers score the rows they predict: no other process, nothing kept.
+        from eval_fns import crps_gaussian_quadrature, raises, worker_pid
 
-        scored = [kerasfleet.evaluate(fleet, x, y, metrics=[crps_gaussian_quadrature], workers=1) for _ in range(2)]
-        (pool,) = fleet._attached.values()
-        assert scored[0] == scored[1] and not pool._supervisor.closed and not pool.in_use.locked()
-        # A function travels as it is at the call: a changed closure value gets new workers.
+        scored = [kerasfleet.evaluate(fleet, x, y, metrics=[crps_gaussian_quadrature]) for _ in range(2)]
+        assert scored[0] == scored[1] and not fleet._attached
+        np.testing.assert_allclose(scored[0]["crps_gaussian_quadrature"], crps_gaussian_quadrature(y, fleet.predict(x)).mean(), rtol=1e-9)
+        _, per_row = kerasfleet.evaluate(fleet, x, y, metrics=[worker_pid], return_scores=True)
+        assert set(per_row["worker_pid"].astype(int)) == set(pids)
+        # A function travels as it is at the call: a changed closure value is used.
         scale = [1.0]
         scaled = lambda t, p: np.abs(t - p).mean(axis=1) * scale[0]  # noqa: E731
-        once = kerasfleet.evaluate(fleet, x, y, metrics=[scaled], workers=1)["score_0"]
+        once = kerasfleet.evaluate(fleet, x, y, metrics=[scaled])["score_0"]
         scale[0] = 2.0
-        twice = kerasfleet.evaluate(fleet, x, y, metrics=[scaled], workers=1)["score_0"]
+        twice = kerasfleet.evaluate(fleet, x, y, metrics=[scaled])["score_0"]
         np.testing.assert_allclose(twice, 2 * once, rtol=1e-6)
-        assert pool._supervisor.closed and len(fleet._attached) == 2  # the last two sets kept
-        kept = list(fleet._attached.values())
-    assert all(p._supervisor.closed for p in kept)  # closed with the fleet
+        # A failing score function fails the call with its traceback; the fleet goes on.
+        with pytest.raises(WorkerError, match="a score function that fails"):
+            kerasfleet.evaluate(fleet, x, y, metrics=[raises])
+        assert fleet.pids == pids and kerasfleet.evaluate(fleet, x, y, metrics=[crps_gaussian_quadrature]) == scored[0]
     np.testing.assert_allclose(first["loss"], want["loss"], rtol=1e-5)
     assert set(second) == {"loss", "mae"}
     assert_clean()

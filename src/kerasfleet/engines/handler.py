@@ -1,7 +1,8 @@
 """The worker side of prediction: the runtime's task handler for engines.
 
     Attach(job, JobSpec)          map the job's input and output buffers
-    Call(PredictRows(job, a, b))  rows [a, b) from the input buffers into the output buffers
+    Call(PredictRows(job, a, b))  rows [a, b) from the input buffers into the output buffers,
+                                  then the job's RowsHook on those rows, if it has one
     Call(PredictInline(key, xs))  small requests: rows travel in the message, outputs return in it
     Call(Probe(key))              prepare (compile) a shape; answer what the model returns for it
     Call(PredictChunk(key, a, b, inputs, outputs))
@@ -16,16 +17,43 @@ The runtime imports this module inside the worker by name
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..runtime.buffers import BufferSpec, OpenBuffer
+from ..runtime.worker import load_factory
 from .base import Engine, Key, Outputs
 from .registry import EngineConfig, build_engine
 
 HANDLER = "kerasfleet.engines.handler:engine_handler"
+# Hooks built in one worker, kept for the next jobs with the same config (a warm fleet's
+# repeated evaluations): the latest few.
+_HOOKS_KEPT = 4
+
+
+@dataclass(frozen=True)
+class RowsHook:
+    """Work on a job's rows in the worker that predicted them, right after it did.
+
+    A higher layer's code (evaluate's per-row score functions) runs where the predictions
+    already are: no other process, no copy of the predictions. `factory` ("module:function")
+    builds the hook from `config` once per worker and config (kept for later jobs with the
+    same config); `payload` is the job's own (its buffers), given to the hook's `attach`.
+    """
+
+    factory: str
+    config: bytes
+    payload: Any
+
+
+class AttachedHook(Protocol):
+    def run(self, outputs: Outputs, arrays: list[np.ndarray[Any, Any]], start: int, stop: int) -> None:
+        """Rows [start, stop) of the job, just predicted into `arrays` (packed by `outputs`)."""
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -33,6 +61,7 @@ class JobSpec:
     key: Key
     inputs: tuple[BufferSpec, ...]
     outputs: tuple[BufferSpec, ...]
+    after: RowsHook | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +108,11 @@ class _OpenJob:
         self.spec = spec
         self.inputs = [OpenBuffer(b) for b in spec.inputs]
         self.outputs = [OpenBuffer(b) for b in spec.outputs]
+        self.after: AttachedHook | None = None
 
     def close(self) -> None:
+        if self.after is not None:
+            self.after.close()
         for buf in self.inputs + self.outputs:
             buf.close()
 
@@ -97,9 +129,27 @@ class EngineHandler:
         }
         self._jobs: dict[int, _OpenJob] = {}
         self._files: dict[BufferSpec, OpenBuffer] = {}  # files of PredictChunk jobs, mapped once
+        self._hooks: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
 
     def attach(self, context_id: int, payload: Any) -> None:
-        self._jobs[context_id] = _OpenJob(payload)
+        job = _OpenJob(payload)
+        try:
+            if payload.after is not None:
+                job.after = self._hook(payload.after).attach(payload.after.payload)
+        except BaseException:
+            job.close()  # the calls report the error (the runtime keeps it for this context)
+            raise
+        self._jobs[context_id] = job
+
+    def _hook(self, hook: RowsHook) -> Any:
+        key = (hook.factory, hook.config)
+        built = self._hooks.pop(key, None)
+        if built is None:
+            built = load_factory(hook.factory)(hook.config)
+        self._hooks[key] = built
+        while len(self._hooks) > _HOOKS_KEPT:
+            self._hooks.popitem(last=False)
+        return built
 
     def detach(self, context_id: int) -> None:
         job = self._jobs.pop(context_id, None)
@@ -109,9 +159,10 @@ class EngineHandler:
     def run(self, payload: Any) -> Any:
         if isinstance(payload, PredictRows):
             job = self._jobs[payload.context_id]
-            self.engine.predict_rows(
-                job.spec.key, [b.array for b in job.inputs], [b.array for b in job.outputs], payload.start, payload.stop
-            )
+            arrays = [b.array for b in job.outputs]
+            self.engine.predict_rows(job.spec.key, [b.array for b in job.inputs], arrays, payload.start, payload.stop)
+            if job.after is not None:
+                job.after.run(self.engine.outputs(job.spec.key), arrays, payload.start, payload.stop)
             return None
         if isinstance(payload, PredictInline):
             outputs: Outputs = self.engine.outputs(payload.key)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -41,13 +42,14 @@ from typing import Any
 import numpy as np
 
 from ..cluster import check_cluster
+from ..engines.handler import RowsHook
 from ..engines.model_file import resolve_model
 from ..errors import InputError
 from ..prediction import Fleet
 from ..prediction.api import in_process_for
 from ..prediction.fleet import check_fleet_options, fleet_options
 from ..prediction.progress import progress_bar
-from .scoring import Packing, ScorePool
+from .scoring import FleetScores, Packing, ScorePool, ScoreWindow
 
 # Rows per window: about this many bytes of inputs and predictions at a time.
 _WINDOW_BYTES = 64 << 20
@@ -120,6 +122,7 @@ def evaluate(
         check_fleet_options(options)
         model_file = resolve_model(model, custom_objects)
     pool: ScorePool | None = None
+    in_fleet: FleetScores | None = None
     owned = True
     try:
         if model_file is not None:
@@ -128,25 +131,41 @@ def evaluate(
             local = in_process_for(model_file, options, rows, rows * xs.row_bytes())
         if local is None and fleet is None:
             fleet = Fleet(model_file if model_file is not None else model, cluster=cluster, **options)
+        windows: deque[ScoreWindow] = deque()  # scores filled by the fleet's workers, oldest first
         if score_fns:
-            pool, owned = _score_pool(score_fns, workers if cluster is None else None, given_fleet, options["backend"])
+            blob = _pickled(score_fns)
+            if fleet is not None and not fleet.on_cluster:
+                in_fleet = FleetScores(score_fns, blob)  # the predicting workers score their own rows
+            else:
+                pool, owned = _score_pool(score_fns, blob, workers if cluster is None else None, given_fleet, options["backend"])
         bounds = _windows(rows, _window_rows(xs, ys, rows))
         tracker = _Tracker(keras_model if compiled else None, keras_extra)
         scores: list[np.ndarray[Any, Any]] = []
         bar = progress_bar(rows, progress)
-        windows = (xs.window(lo, hi) for lo, hi in bounds)
+
+        def items() -> Iterator[tuple[Any, RowsHook | None]]:
+            for lo, hi in bounds:
+                hook = None
+                if in_fleet is not None:
+                    y_true = ys.window(lo, hi)
+                    hook, window = in_fleet.window(_flat(y_true), _packing(y_true))
+                    windows.append(window)
+                yield xs.window(lo, hi), hook
+
         predictions: Generator[Any, None, None]
         if local is not None:
-            predictions = _one_ahead(functools.partial(local.predict, progress=False), windows)
+            predictions = _one_ahead(functools.partial(local.predict, progress=False), (x for x, _ in items()))
         else:
             assert fleet is not None
-            predictions = fleet.imap(windows, batch_size=batch_size, max_inflight=2)  # type: ignore[assignment]
+            predictions = fleet.imap_after(items(), batch_size=batch_size, max_inflight=2)  # type: ignore[assignment]
         try:
             for (lo, hi), y_pred in zip(bounds, predictions):
                 y_true = ys.window(lo, hi)
                 weight = ws.window(lo, hi) if ws is not None else None
                 tracker.update(y_true, y_pred, weight)
-                if pool is not None:
+                if in_fleet is not None:
+                    scores.append(windows.popleft().result())
+                elif pool is not None:
                     scores.append(pool.score(_flat(y_true), _flat(y_pred), weight, _packing(y_true), _packing(y_pred)))
                 if bar is not None:
                     bar.update(hi - lo)
@@ -157,13 +176,17 @@ def evaluate(
                 bar.close()
         results = tracker.result()
         per_row: dict[str, np.ndarray[Any, Any]] = {}
-        if pool is not None:
+        if score_fns:
             table = np.concatenate(scores, axis=1) if scores else np.zeros((len(score_fns), 0))
             weights = ws.all() if ws is not None else None
             for (name, _), values in zip(score_fns, table):
                 per_row[name] = values
                 results[name] = float(np.average(values, weights=weights)) if len(values) else math.nan
     finally:
+        if in_fleet is not None:
+            for window in windows:
+                window.release(finished=False)  # a failed or abandoned call: a worker may still write
+            in_fleet.close()
         if pool is not None:
             if owned:
                 pool.close()
@@ -359,15 +382,19 @@ def _rows_of(value: Any) -> int:
     return int(_leaves(value)[0].shape[0])
 
 
-def _score_pool(
-    score_fns: list[tuple[str, Callable[..., Any]]], workers: int | None, given: Fleet | None, backend: str
-) -> tuple[ScorePool, bool]:
-    """(score workers, whether this call owns them): a warm Fleet's kept pool when it is free -
-    the functions as pickled now (their globals and closures included) are the key, so a
-    changed global gets new workers - else a pool of this call's own."""
+def _pickled(score_fns: list[tuple[str, Callable[..., Any]]]) -> bytes:
+    """The functions as they are now (their globals and closures included): what workers run."""
     import cloudpickle
 
-    blob = cloudpickle.dumps(score_fns)
+    return bytes(cloudpickle.dumps(score_fns))
+
+
+def _score_pool(
+    score_fns: list[tuple[str, Callable[..., Any]]], blob: bytes, workers: int | None, given: Fleet | None, backend: str
+) -> tuple[ScorePool, bool]:
+    """(score workers, whether this call owns them): a warm Fleet's kept pool when it is free -
+    the pickled functions are the key, so a changed global gets new workers - else a pool of
+    this call's own."""
     make = functools.partial(ScorePool, score_fns, workers, given.backend if given is not None else backend, blob)
     if given is not None:
         kept: ScorePool = given.attached("scores", blob + repr(workers).encode(), make)

@@ -1,5 +1,20 @@
 """Per-row NumPy scores in worker processes: `f(y_true, y_pred) -> one score per row`.
 
+Where the predictions are made by a local fleet, the scores are computed by the same workers,
+right after each chunk's predictions (a `RowsHook` on the fleet's job): the predictions never
+leave the worker that made them and no other process competes for the cores.
+
+    parent                                         prediction workers (the fleet's)
+    ------                                         --------------------------------
+    window of x -> the job's input buffers
+    window of y_true -> shared buffers, RowsHook(ScoresAfter, functions, AfterSpec)
+      PredictRows(a, b) x chunks --------------->  y_pred[a:b] = model(x[a:b])
+                                                   scores[i, a:b] = fns[i](y_true[a:b], y_pred[a:b])
+      <- Done (predictions and scores are in the buffers)
+
+Predictions made elsewhere (in this process, or on a Ray cluster's actors) are scored by a
+`ScorePool` of score workers instead:
+
     parent                                         score workers (runtime workers)
     ------                                         -------------------------------
     window of y_true, y_pred (and sample weights)
@@ -7,10 +22,11 @@
       ScoreRows(a, b) x chunks ------------------>  scores[i, a:b] = fns[i](y_true[a:b], y_pred[a:b])
       <- Done (nothing: scores are in the buffer)
 
-The functions travel once, at worker start, pickled with cloudpickle: importable ones by
-reference, ones defined in the caller's script (`__main__`) or lambdas by value - the workers
-never run the caller's script. The data travels through shared memory, never the pipe (a large
-message to a busy worker would block the supervisor).
+The functions travel pickled with cloudpickle (once per score worker; with each window to a
+fleet's workers, which unpickle them once per worker and keep them for the next windows and
+evaluations): importable ones by reference, ones defined in the caller's script (`__main__`) or
+lambdas by value - the workers never run the caller's script. The data travels through shared
+memory, never the pipe (a large message to a busy worker would block the supervisor).
 """
 
 from __future__ import annotations
@@ -24,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from ..engines import Outputs
+from ..engines.handler import RowsHook
 from ..runtime import (
     REQUEUE,
     BufferSpec,
@@ -39,13 +57,28 @@ from ..runtime import (
 from ..runtime.buffers import Segment
 
 HANDLER = "kerasfleet.evaluation.scoring:score_handler"
+AFTER_PREDICTIONS = "kerasfleet.evaluation.scoring:scores_after_predictions"
 _CHUNKS_PER_WORKER = 4
 # Rows per call of a score function tried by each worker (SliceSize).
 SLICE_SIZES = (1024, 4096, 16384)
 # glibc: keep freed memory in the heap instead of returning it (and faulting it in again) at
 # every NumPy temporary over the mmap threshold. Bounded: score workers kept with a warm Fleet
 # idle between evaluations, holding at most this much freed memory each.
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+_MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 << 20, 256 << 20
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
+
+
+def _keep_freed_memory() -> None:
+    """_MALLOC_ENV's settings in a process already running (a fleet's worker): the CRPS of
+    bench/evaluate.py runs at 0.38 instead of 0.86-1.4 us a row with them. Not glibc: nothing."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already uses
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also ends glibc's dynamic threshold)
+    mallopt(-1, _TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -91,16 +124,47 @@ class _Open:
             b.close()
 
 
-class ScoreHandler:
-    """The worker side: the functions, unpickled once; score rows of attached windows."""
+class _Functions:
+    """The score functions, unpickled once in a worker, each with its measured slice size."""
 
     def __init__(self, blob: bytes) -> None:
         import cloudpickle
 
         self.fns: list[tuple[str, Callable[..., Any]]] = cloudpickle.loads(blob)
-        self.info: dict[str, Any] = {"scores": [name for name, _ in self.fns]}
-        self._open: dict[int, _Open] = {}
         self.slices = [SliceSize() for _ in self.fns]
+
+    def score(
+        self, y_true: Callable[[int, int], Any], y_pred: Callable[[int, int], Any], scores: np.ndarray[Any, Any], start: int, stop: int
+    ) -> None:
+        """scores[i, start:stop] = fns[i](y_true(lo, hi), y_pred(lo, hi)), slice by slice."""
+        for i, (name, fn) in enumerate(self.fns):
+            lo = start
+            while lo < stop:
+                size = self.slices[i].next_size()
+                hi = min(stop, lo + size)
+                began = time.perf_counter()
+                values = np.asarray(fn(y_true(lo, hi), y_pred(lo, hi)), dtype=np.float64)
+                self.slices[i].record(size, (time.perf_counter() - began) / (hi - lo))
+                if values.shape != (hi - lo,):
+                    raise ValueError(
+                        f"Expected the score function {name!r} to return one number per row: shape ({hi - lo},) for rows "
+                        f"{lo}:{hi}. Received: shape {values.shape}. Reduce every axis but the first (e.g. .mean(axis=-1))."
+                    )
+                scores[i, lo:hi] = values
+                lo = hi
+
+
+def _rows(packing: Packing, buffers: Sequence[OpenBuffer]) -> Callable[[int, int], Any]:
+    return lambda lo, hi: packing.pack([buf.array[lo:hi] for buf in buffers])
+
+
+class ScoreHandler:
+    """The score worker side: the functions, unpickled once; score rows of attached windows."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.functions = _Functions(blob)
+        self.info: dict[str, Any] = {"scores": [name for name, _ in self.functions.fns]}
+        self._open: dict[int, _Open] = {}
 
     def attach(self, context_id: int, payload: Any) -> None:
         self._open[context_id] = _Open(payload)
@@ -114,24 +178,107 @@ class ScoreHandler:
         if not isinstance(payload, ScoreRows):
             raise TypeError(f"Expected ScoreRows. Received: {type(payload).__name__}.")
         opened = self._open[payload.context_id]
-        for i, (name, fn) in enumerate(self.fns):
-            lo = payload.start
-            while lo < payload.stop:
-                size = self.slices[i].next_size()
-                hi = min(payload.stop, lo + size)
-                y_true = opened.spec.true_packing.pack([buf.array[lo:hi] for buf in opened.y_true])
-                y_pred = opened.spec.pred_packing.pack([buf.array[lo:hi] for buf in opened.y_pred])
-                started = time.perf_counter()
-                scores = np.asarray(fn(y_true, y_pred), dtype=np.float64)
-                self.slices[i].record(size, (time.perf_counter() - started) / (hi - lo))
-                if scores.shape != (hi - lo,):
-                    raise ValueError(
-                        f"Expected the score function {name!r} to return one number per row: shape ({hi - lo},) for rows "
-                        f"{lo}:{hi}. Received: shape {scores.shape}. Reduce every axis but the first (e.g. .mean(axis=-1))."
-                    )
-                opened.scores.array[i, lo:hi] = scores
-                lo = hi
+        y_true, y_pred = _rows(opened.spec.true_packing, opened.y_true), _rows(opened.spec.pred_packing, opened.y_pred)
+        self.functions.score(y_true, y_pred, opened.scores.array, payload.start, payload.stop)
         return None
+
+
+@dataclass(frozen=True)
+class AfterSpec:
+    """One window's buffers for scoring in a fleet's prediction workers (y_pred is the job's)."""
+
+    y_true: tuple[BufferSpec, ...]
+    scores: BufferSpec  # (functions, rows) float64
+    true_packing: Packing
+
+
+class _AttachedScores:
+    def __init__(self, functions: _Functions, spec: AfterSpec) -> None:
+        self.functions = functions
+        self.spec = spec
+        self.y_true = [OpenBuffer(b) for b in spec.y_true]
+        self.scores = OpenBuffer(spec.scores)
+
+    def run(self, outputs: Outputs, arrays: list[np.ndarray[Any, Any]], start: int, stop: int) -> None:
+        y_pred = lambda lo, hi: outputs.pack([a[lo:hi] for a in arrays])  # noqa: E731
+        self.functions.score(_rows(self.spec.true_packing, self.y_true), y_pred, self.scores.array, start, stop)
+
+    def close(self) -> None:
+        for b in [*self.y_true, self.scores]:
+            b.close()
+
+
+class ScoresAfter:
+    """The prediction worker side: score functions run on each chunk it has just predicted."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.functions = _Functions(blob)
+        _keep_freed_memory()
+
+    def attach(self, spec: AfterSpec) -> _AttachedScores:
+        return _AttachedScores(self.functions, spec)
+
+
+def scores_after_predictions(blob: bytes) -> ScoresAfter:
+    return ScoresAfter(blob)
+
+
+class FleetScores:
+    """The caller's side of scoring in a fleet's workers: each window's y_true and score
+    buffers, and the hook that has the workers fill them."""
+
+    def __init__(self, fns: list[tuple[str, Callable[..., Any]]], blob: bytes) -> None:
+        self.count = len(fns)
+        self.blob = blob
+        self._buffers = SharedBuffers(keep=8)
+
+    def window(self, y_true: list[np.ndarray[Any, Any]], true_packing: Packing) -> tuple[RowsHook, ScoreWindow]:
+        rows = int(y_true[0].shape[0])
+        window = ScoreWindow(self._buffers)
+        try:
+            scores, scores_spec = window.create((self.count, rows), np.dtype(np.float64))
+            specs = []
+            for a in y_true:
+                shared, spec = window.create(a.shape, a.dtype)
+                np.copyto(shared, a)
+                specs.append(spec)
+        except BaseException:
+            window.release(finished=False)
+            raise
+        window.scores = scores
+        return RowsHook(AFTER_PREDICTIONS, self.blob, AfterSpec(tuple(specs), scores_spec, true_packing)), window
+
+    def close(self) -> None:
+        self._buffers.release()
+
+
+class ScoreWindow:
+    """One window's buffers; its scores are read once its predictions are back."""
+
+    def __init__(self, buffers: SharedBuffers) -> None:
+        self._buffers = buffers
+        self._segments: list[Segment] = []
+        self.scores: np.ndarray[Any, Any] | None = None
+
+    def create(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[np.ndarray[Any, Any], BufferSpec]:
+        array, spec, segment = self._buffers.create(shape, dtype)
+        self._segments.append(segment)
+        return array, spec
+
+    def result(self) -> np.ndarray[Any, Any]:
+        """The scores (a copy), once every chunk of the window is done; frees the buffers."""
+        assert self.scores is not None
+        values = np.array(self.scores)
+        self.release(finished=True)
+        return values
+
+    def release(self, finished: bool) -> None:
+        """Buffers back: reused when every worker is done with them, else unlinked."""
+        segments, self._segments, self.scores = self._segments, [], None
+        if finished:
+            self._buffers.recycle(segments)
+        elif segments:
+            self._buffers.discard(segments)
 
 
 class SliceSize:

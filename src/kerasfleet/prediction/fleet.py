@@ -28,7 +28,7 @@ import numpy as np
 
 from ..cluster import check_cluster, connect
 from ..engines import Key, Outputs, bucket, row_bytes
-from ..engines.handler import HANDLER, PredictChunk, PredictInline, PredictRows, Probe
+from ..engines.handler import HANDLER, PredictChunk, PredictInline, PredictRows, Probe, RowsHook
 from ..engines.model_file import ModelFile, resolve_model
 from ..engines.registry import EngineConfig
 from ..errors import FleetClosedError, InputError, ModelLoadError, RemoteTraceback, WorkerError
@@ -308,22 +308,30 @@ class Fleet:
         At most `max_inflight` batches (default 2 per worker) are in shared memory at a time,
         so an endless stream runs in bounded memory. An empty batch yields an empty result.
         """
+        return self.imap_after(((batch, None) for batch in batches), batch_size=batch_size, max_inflight=max_inflight)
+
+    def imap_after(
+        self, items: Iterable[tuple[Any, RowsHook | None]], *, batch_size: int | None = None, max_inflight: int | None = None
+    ) -> Iterator[Any]:
+        """`imap` of (batch, hook) pairs: each batch's hook, if any, runs on its rows in the
+        worker that predicted them (evaluate's score functions). Local workers only."""
         self._check_open()
         check_batch_size(batch_size)
         check_batch_size(max_inflight, "max_inflight")
-        limit = max_inflight or 2 * self.plan.workers
+        return self._imap(iter(items), batch_size, max_inflight or 2 * self.plan.workers)
+
+    def _imap(self, source: Iterator[tuple[Any, RowsHook | None]], batch_size: int | None, limit: int) -> Iterator[Any]:
         inflight: deque[_Call] = deque()
-        source = iter(batches)
         exhausted = False
         try:
             while True:
                 while not exhausted and len(inflight) < limit:
                     try:
-                        batch = next(source)
+                        batch, after = next(source)
                     except StopIteration:
                         exhausted = True
                         break
-                    inflight.append(self._start(normalize_inputs(batch, self.signature), batch_size, None))
+                    inflight.append(self._start(normalize_inputs(batch, self.signature), batch_size, None, after))
                 if not inflight:
                     return
                 head = inflight.popleft()
@@ -384,6 +392,11 @@ class Fleet:
         return self._outputs((bucket(rows, batch) if rows else batch, row_specs))
 
     @property
+    def on_cluster(self) -> bool:
+        """Whether the workers are a Ray cluster's actors (no shared memory with this process)."""
+        return self._cluster is not None
+
+    @property
     def model_path(self) -> Any:
         """The model file the workers load (a temporary copy for an in-memory model, while open)."""
         return self._model.path
@@ -421,13 +434,15 @@ class Fleet:
         return f"<Fleet {state}: {self.plan.describe()}, engine {self.engine}, backend {self.backend}, model {self._model.path.name}>"
 
     # -- calls -------------------------------------------------------------------------------
-    def _start(self, sources: list[Source], batch_size: int | None, out: Any) -> _Call:
+    def _start(self, sources: list[Source], batch_size: int | None, out: Any, after: RowsHook | None = None) -> _Call:
         rows = sources[0].rows
         row_specs = source_rows(sources)
         batch = batch_size or self._resolution.batch_for(row_specs)
+        if after is not None and (self._cluster is not None or rows == 0):
+            raise InputError(f"Expected rows on local workers for a hook on predicted rows. Received: {rows} rows, cluster={self._cluster!r}.")
         if rows == 0:
             return _EmptyCall(self._outputs((batch, row_specs)), out)
-        if out is None and all(s.array is not None for s in sources) and self._fits_inline(rows, batch, row_specs):
+        if after is None and out is None and all(s.array is not None for s in sources) and self._fits_inline(rows, batch, row_specs):
             key = (bucket(rows, batch), row_specs)
             outputs = self._outputs(key)
             arrays = tuple(np.ascontiguousarray(s.array, dtype=s.dtype) for s in sources)
@@ -437,7 +452,7 @@ class Fleet:
         if self._cluster is not None:
             outputs_of = self._outputs_when_needed(key, out)
             return _RemoteCall(self._supervisor, self._cluster, key, sources, self.plan.workers, outputs_of, out, self._retry)
-        job = Job(key, sources, self.plan.workers, self._buffers, self._outputs(key), out)
+        job = Job(key, sources, self.plan.workers, self._buffers, self._outputs(key), out, after)
         return _JobCall(self._supervisor, job, self._retry)
 
     def _fits_inline(self, rows: int, batch: int, row_specs: tuple[tuple[tuple[int, ...], str], ...]) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..engines import Key, Outputs
-from ..engines.handler import JobSpec
+from ..engines.handler import JobSpec, RowsHook
 from ..errors import InputError
 from ..runtime import BufferSpec, SharedBuffers
 from ..runtime.buffers import Segment
@@ -99,7 +99,14 @@ def chunk_bounds(rows: int, batch: int, workers: int, max_batches: int = MAX_BAT
 
 class Job:
     def __init__(
-        self, key: Key, sources: Sequence[Source], workers: int, buffers: SharedBuffers, outputs: Outputs, out: Any
+        self,
+        key: Key,
+        sources: Sequence[Source],
+        workers: int,
+        buffers: SharedBuffers,
+        outputs: Outputs,
+        out: Any,
+        after: RowsHook | None = None,
     ) -> None:
         self.key = key
         self.rows = sources[0].rows
@@ -116,7 +123,7 @@ class Job:
         self._copies: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = []
         try:
             inputs = tuple(self._input(s) for s in sources)
-            self.spec = JobSpec(key, inputs, self._outputs(out))
+            self.spec = JobSpec(key, inputs, self._outputs(out), after)
         except BaseException:
             self.release()  # a half-built job must not leave segments behind
             raise
