@@ -30,3 +30,18 @@ def worker_pid(y_true, y_pred):
 
 def raises(y_true, y_pred):
     raise ValueError("a score function that fails")
+
+
+def segfault(marker=None):
+    """A score function that kills its process with SIGSEGV: every call, or once (`marker`)."""
+    import ctypes
+    import os
+
+    def score(y_true, y_pred):
+        if marker is None or not os.path.exists(marker):
+            if marker is not None:
+                open(marker, "w").close()
+            ctypes.string_at(0)
+        return np.abs(np.asarray(y_true) - np.asarray(y_pred)).mean(axis=1)
+
+    return score

@@ -120,6 +120,46 @@ def test_a_warm_fleet_is_reused_and_left_open(zoo):
 
 
 
+def test_score_functions_that_fail_in_a_fleets_workers(zoo, tmp_path):
+    """Scores run in the prediction workers: a failing function fails the call with a clear
+    error, a crash is a worker crash (requeued, then refused), and the fleet goes on."""
+    import kerasfleet
+    from conftest import assert_clean, load_x
+    from eval_fns import raises, segfault
+    from kerasfleet import WorkerCrashedError, WorkerError
+
+    folder = zoo("jax")
+    x = np.resize(load_x(folder, "mlp"), (2000, 32))
+    y = np.random.default_rng(0).normal(size=(len(x), 10)).astype("float32")
+    # Importable here only: pickled by reference, the workers cannot import it.
+    (tmp_path / "local_only_scores.py").write_text("import numpy as np\ndef score(t, p):\n    return np.abs(t - p).mean(axis=1)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import local_only_scores
+    finally:
+        sys.path.remove(str(tmp_path))
+    table = [
+        ("exception", raises, WorkerError, "a score function that fails"),
+        ("segfault once", segfault(str(tmp_path / "fired")), None, None),
+        ("segfault always", segfault(), WorkerCrashedError, "SIGSEGV"),
+        ("not importable in the worker", local_only_scores.score, WorkerError, "local_only_scores"),
+    ]
+    with kerasfleet.Fleet(folder / "mlp.keras", engine="onnx", workers=1, max_retries=2) as fleet:
+        fleet.wait_ready()
+        want = np.abs(y - fleet.predict(x)).mean()
+        for case, fn, error, message in table:
+            if error is None:  # the crashed chunk ran again on a fresh worker: every row scored once
+                got = kerasfleet.evaluate(fleet, x, y, metrics=[fn])
+                np.testing.assert_allclose(got["score"], want, rtol=1e-5, err_msg=case)
+            else:
+                with pytest.raises(error, match=message):
+                    kerasfleet.evaluate(fleet, x, y, metrics=[fn])
+            got = kerasfleet.evaluate(fleet, x, y, metrics=["mae"])  # the fleet goes on
+            np.testing.assert_allclose(got["mae"], want, rtol=1e-5, err_msg=case)
+        assert fleet.restarts == 3  # the crash once, then twice for the function that always crashes
+    assert_clean()
+
+
 def test_score_workers_call_the_function_on_slices_and_keep_every_score():
     from conftest import assert_clean
     from eval_fns import crps_gaussian_quadrature

@@ -3,16 +3,17 @@
     x, y, sample_weight (arrays, dicts, lists, .npy paths: read a window at a time)
       │ windows of rows
       ▼
-    Fleet.imap ─ predictions in the workers, in order, one window ahead ──► y_pred (one window)
-      │                                                                         │
-      │  this process: the model's compiled loss and metrics, and any Keras     │
-      │  metrics given, updated window by window (exact: sums, counts,          │
-      │  confusion matrices - what model.evaluate accumulates batch by batch)   │
-      ▼                                                                         ▼
-    ScorePool ─ NumPy score functions f(y_true, y_pred) -> one score per row, in worker processes
+    Fleet.imap_after ─ predictions in the workers, in order, one window ahead ──► y_pred (one window)
+      │   and, in the same workers right after each chunk's predictions, the       │
+      │   NumPy score functions f(y_true, y_pred) -> one score per row             │
+      │                                                                            │
+      │  this process: the model's compiled loss and metrics, and any Keras        │
+      │  metrics given, updated window by window (exact: sums, counts,             │
+      ▼  confusion matrices - what model.evaluate accumulates batch by batch)      ▼
 
 A one-shot call on few rows (by the tuned plan's rule, the one `predict` follows) predicts in
-this process instead of Fleet.imap: the in-process engine in a thread, one window ahead.
+this process instead: the in-process engine in a thread, one window ahead; its scores, like
+those of predictions made on a Ray cluster, run in a ScorePool of score worker processes.
 Only one window of predictions is held at a time (two while the next is predicted), so inputs
 on disk larger than memory are evaluated in bounded memory. Per-row scores are kept (one float
 per row and function) and averaged (weighted by `sample_weight` when given).
