@@ -88,7 +88,7 @@ def test_a_warm_fleet_is_reused_and_left_open(zoo):
     x = np.load(folder / "batchnorm_dropout.x.npz")["inputs"]
     y = np.random.default_rng(0).normal(size=(len(x), 4)).astype("float32")
     want = keras.saving.load_model(path).evaluate(x, y, return_dict=True, verbose=0)
-    with kerasfleet.Fleet(path, engine="keras", workers=1) as fleet:
+    with kerasfleet.Fleet(path, engine="keras", workers=2) as fleet:
         fleet.wait_ready()
         pids = fleet.pids
         first = kerasfleet.evaluate(fleet, x, y)
@@ -100,9 +100,10 @@ def test_a_warm_fleet_is_reused_and_left_open(zoo):
 
         scored = [kerasfleet.evaluate(fleet, x, y, metrics=[crps_gaussian_quadrature]) for _ in range(2)]
         assert scored[0] == scored[1] and not fleet._attached
-        np.testing.assert_allclose(scored[0]["crps_gaussian_quadrature"], crps_gaussian_quadrature(y, fleet.predict(x)).mean(), rtol=1e-9)
-        _, per_row = kerasfleet.evaluate(fleet, x, y, metrics=[worker_pid], return_scores=True)
-        assert set(per_row["worker_pid"].astype(int)) == set(pids)
+        np.testing.assert_allclose(scored[0]["crps_gaussian_quadrature"], crps_gaussian_quadrature(y, fleet.predict(x)).mean(), rtol=1e-6)
+        many = np.resize(x, (4000, *x.shape[1:]))  # chunks enough for both workers
+        _, per_row = kerasfleet.evaluate(fleet, many, np.resize(y, (4000, 4)), metrics=[worker_pid], return_scores=True)
+        assert set(per_row["worker_pid"].astype(int)) == set(pids) and len(per_row["worker_pid"]) == 4000
         # A function travels as it is at the call: a changed closure value is used.
         scale = [1.0]
         scaled = lambda t, p: np.abs(t - p).mean(axis=1) * scale[0]  # noqa: E731
@@ -158,6 +159,47 @@ def test_score_functions_that_fail_in_a_fleets_workers(zoo, tmp_path):
             np.testing.assert_allclose(got["mae"], want, rtol=1e-5, err_msg=case)
         assert fleet.restarts == 3  # the crash once, then twice for the function that always crashes
     assert_clean()
+
+
+def test_a_fleet_of_multithreaded_workers_leaves_the_scores_to_score_workers(zoo):
+    """A worker of several threads would leave them idle while one scores: score workers
+    (kept with the warm fleet) run the scores instead."""
+    import kerasfleet
+    from conftest import assert_clean, load_x
+    from eval_fns import worker_pid
+
+    folder = zoo("jax")
+    x = np.resize(load_x(folder, "mlp"), (3000, 32))
+    y = np.random.default_rng(0).normal(size=(len(x), 10)).astype("float32")
+    with kerasfleet.Fleet(folder / "mlp.keras", engine="onnx", workers=1, threads_per_worker=2) as fleet:
+        _, per_row = kerasfleet.evaluate(fleet, x, y, metrics=[worker_pid], return_scores=True)
+        (pool,) = fleet._attached.values()
+        scorers = set(per_row["worker_pid"].astype(int))
+        assert scorers and not scorers & set(fleet.pids) and scorers <= {w["pid"] for w in pool._supervisor.workers()}
+    assert_clean()
+
+
+def test_glibc_keeps_freed_memory_only_while_score_windows_are_attached():
+    from kerasfleet.evaluation import scoring
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append(("mallopt", option, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+
+    freed = scoring._FreedMemory()
+    freed._libc = Libc()
+    freed.hold()
+    freed.hold()  # a second window attached before the first one closes: nothing more
+    assert calls == [("mallopt", -3, 32 << 20), ("mallopt", -1, 256 << 20)]
+    freed.release()
+    assert len(calls) == 2
+    freed.release()  # the last one: glibc's defaults back, the freed memory returned
+    assert calls[2:] == [("mallopt", -3, 128 << 10), ("mallopt", -1, 128 << 10), ("malloc_trim", 0)]
 
 
 def test_score_workers_call_the_function_on_slices_and_keep_every_score():

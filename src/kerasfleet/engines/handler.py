@@ -40,12 +40,14 @@ class RowsHook:
 
     A higher layer's code (evaluate's per-row score functions) runs where the predictions
     already are: no other process, no copy of the predictions. `factory` ("module:function")
-    builds the hook from `config` once per worker and config (kept for later jobs with the
-    same config); `payload` is the job's own (its buffers), given to the hook's `attach`.
+    builds the hook from `config` once per worker and `key` (kept for later jobs with the same
+    key: keep `config` small, e.g. where to read large state, since it travels with every job);
+    `payload` is the job's own (its buffers), given to the hook's `attach`.
     """
 
     factory: str
-    config: bytes
+    key: str
+    config: Any
     payload: Any
 
 
@@ -129,7 +131,7 @@ class EngineHandler:
         }
         self._jobs: dict[int, _OpenJob] = {}
         self._files: dict[BufferSpec, OpenBuffer] = {}  # files of PredictChunk jobs, mapped once
-        self._hooks: OrderedDict[tuple[str, bytes], Any] = OrderedDict()
+        self._hooks: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     def attach(self, context_id: int, payload: Any) -> None:
         job = _OpenJob(payload)
@@ -142,7 +144,7 @@ class EngineHandler:
         self._jobs[context_id] = job
 
     def _hook(self, hook: RowsHook) -> Any:
-        key = (hook.factory, hook.config)
+        key = (hook.factory, hook.key)
         built = self._hooks.pop(key, None)
         if built is None:
             built = load_factory(hook.factory)(hook.config)

@@ -13,7 +13,8 @@
 
 A one-shot call on few rows (by the tuned plan's rule, the one `predict` follows) predicts in
 this process instead: the in-process engine in a thread, one window ahead; its scores, like
-those of predictions made on a Ray cluster, run in a ScorePool of score worker processes.
+those of predictions made on GPUs, by workers of several threads or on a Ray cluster, run in a
+ScorePool of score worker processes (`_scores_in_fleet`).
 Only one window of predictions is held at a time (two while the next is predicted), so inputs
 on disk larger than memory are evaluated in bounded memory. Per-row scores are kept (one float
 per row and function) and averaged (weighted by `sample_weight` when given).
@@ -135,7 +136,7 @@ def evaluate(
         windows: deque[ScoreWindow] = deque()  # scores filled by the fleet's workers, oldest first
         if score_fns:
             blob = _pickled(score_fns)
-            if fleet is not None and not fleet.on_cluster:
+            if fleet is not None and _scores_in_fleet(fleet):
                 in_fleet = FleetScores(score_fns, blob)  # the predicting workers score their own rows
             else:
                 pool, owned = _score_pool(score_fns, blob, workers if cluster is None else None, given_fleet, options["backend"])
@@ -381,6 +382,13 @@ def _packing(value: Any) -> Packing:
 
 def _rows_of(value: Any) -> int:
     return int(_leaves(value)[0].shape[0])
+
+
+def _scores_in_fleet(fleet: Fleet) -> bool:
+    """Whether the fleet's workers should score the rows they predict: local CPU workers of one
+    core each. A GPU fleet has a worker a GPU, and a worker of several threads leaves them
+    idle while one thread scores: score workers, one a core, run the scores there instead."""
+    return not fleet.on_cluster and fleet.plan.device == "cpu" and fleet.plan.threads_per_worker == 1
 
 
 def _pickled(score_fns: list[tuple[str, Callable[..., Any]]]) -> bytes:

@@ -1,19 +1,21 @@
 """Per-row NumPy scores in worker processes: `f(y_true, y_pred) -> one score per row`.
 
-Where the predictions are made by a local fleet, the scores are computed by the same workers,
-right after each chunk's predictions (a `RowsHook` on the fleet's job): the predictions never
-leave the worker that made them and no other process competes for the cores.
+Where the predictions are made by a fleet of local CPU workers of one core each (the CPU
+default), the scores are computed by the same workers, right after each chunk's predictions (a
+`RowsHook` on the fleet's job): the predictions never leave the worker that made them and no
+other process competes for the cores.
 
     parent                                         prediction workers (the fleet's)
     ------                                         --------------------------------
     window of x -> the job's input buffers
-    window of y_true -> shared buffers, RowsHook(ScoresAfter, functions, AfterSpec)
+    the pickled functions -> a shared buffer, once a call
+    window of y_true -> shared buffers, RowsHook(digest, where the functions are, AfterSpec)
       PredictRows(a, b) x chunks --------------->  y_pred[a:b] = model(x[a:b])
                                                    scores[i, a:b] = fns[i](y_true[a:b], y_pred[a:b])
       <- Done (predictions and scores are in the buffers)
 
-Predictions made elsewhere (in this process, or on a Ray cluster's actors) are scored by a
-`ScorePool` of score workers instead:
+Predictions made elsewhere (in this process, on GPUs, by workers of several threads, or on a
+Ray cluster's actors) are scored by a `ScorePool` of score workers, one a core, instead:
 
     parent                                         score workers (runtime workers)
     ------                                         -------------------------------
@@ -22,15 +24,16 @@ Predictions made elsewhere (in this process, or on a Ray cluster's actors) are s
       ScoreRows(a, b) x chunks ------------------>  scores[i, a:b] = fns[i](y_true[a:b], y_pred[a:b])
       <- Done (nothing: scores are in the buffer)
 
-The functions travel pickled with cloudpickle (once per score worker; with each window to a
-fleet's workers, which unpickle them once per worker and keep them for the next windows and
-evaluations): importable ones by reference, ones defined in the caller's script (`__main__`) or
+The functions travel pickled with cloudpickle (once per score worker; to a fleet's workers
+through shared memory, read and unpickled by each worker once and kept for the next windows
+and evaluations): importable ones by reference, ones defined in the caller's script (`__main__`) or
 lambdas by value - the workers never run the caller's script. The data travels through shared
 memory, never the pipe (a large message to a busy worker would block the supervisor).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -63,22 +66,48 @@ _CHUNKS_PER_WORKER = 4
 SLICE_SIZES = (1024, 4096, 16384)
 # glibc: keep freed memory in the heap instead of returning it (and faulting it in again) at
 # every NumPy temporary over the mmap threshold. Bounded: score workers kept with a warm Fleet
-# idle between evaluations, holding at most this much freed memory each.
+# idle between evaluations, holding at most this much freed memory each; prediction workers
+# hold it only while they have score windows attached (_FreedMemory).
 _MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 << 20, 256 << 20
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
+_GLIBC_DEFAULT_THRESHOLD = 128 << 10  # M_MMAP_THRESHOLD and M_TRIM_THRESHOLD
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def _keep_freed_memory() -> None:
-    """_MALLOC_ENV's settings in a process already running (a fleet's worker): the CRPS of
-    bench/evaluate.py runs at 0.38 instead of 0.86-1.4 us a row with them. Not glibc: nothing."""
-    import ctypes
+class _FreedMemory:
+    """_MALLOC_ENV's settings in a process already running (a fleet's prediction worker),
+    while it has score windows attached: the CRPS of bench/evaluate.py runs at 0.38 instead of
+    0.86-1.4 us a row with them. When the last window closes, glibc's default thresholds are
+    set back and the freed memory returned (`malloc_trim`): the worker lives on, predicting.
+    Not glibc: nothing."""
 
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already uses
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (also ends glibc's dynamic threshold)
-    mallopt(-1, _TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
+    def __init__(self) -> None:
+        self.windows = 0
+        self._libc: Any = None
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None)  # the C library this process already uses
+            libc.mallopt, libc.malloc_trim  # noqa: B018 - both there, or neither is used
+            self._libc = libc
+        except Exception:  # noqa: BLE001 - not glibc (macOS: no mallopt; Windows: no CDLL(None))
+            pass
+
+    def hold(self) -> None:
+        if self.windows == 0 and self._libc is not None:
+            self._libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)  # also ends glibc's dynamic threshold
+            self._libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+        self.windows += 1
+
+    def release(self) -> None:
+        self.windows -= 1
+        if self.windows == 0 and self._libc is not None:
+            self._libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            self._libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            self._libc.malloc_trim(0)
+
+
+_freed_memory = _FreedMemory()
 
 
 @dataclass(frozen=True)
@@ -198,6 +227,7 @@ class _AttachedScores:
         self.spec = spec
         self.y_true = [OpenBuffer(b) for b in spec.y_true]
         self.scores = OpenBuffer(spec.scores)
+        _freed_memory.hold()
 
     def run(self, outputs: Outputs, arrays: list[np.ndarray[Any, Any]], start: int, stop: int) -> None:
         y_pred = lambda lo, hi: outputs.pack([a[lo:hi] for a in arrays])  # noqa: E731
@@ -206,6 +236,7 @@ class _AttachedScores:
     def close(self) -> None:
         for b in [*self.y_true, self.scores]:
             b.close()
+        _freed_memory.release()
 
 
 class ScoresAfter:
@@ -213,24 +244,37 @@ class ScoresAfter:
 
     def __init__(self, blob: bytes) -> None:
         self.functions = _Functions(blob)
-        _keep_freed_memory()
 
     def attach(self, spec: AfterSpec) -> _AttachedScores:
         return _AttachedScores(self.functions, spec)
 
 
-def scores_after_predictions(blob: bytes) -> ScoresAfter:
+def scores_after_predictions(config: BufferSpec) -> ScoresAfter:
+    """Built once per worker and functions: their pickled bytes are read from shared memory."""
+    buffer = OpenBuffer(config)
+    try:
+        blob = bytes(buffer.array)
+    finally:
+        buffer.close()
     return ScoresAfter(blob)
 
 
 class FleetScores:
     """The caller's side of scoring in a fleet's workers: each window's y_true and score
-    buffers, and the hook that has the workers fill them."""
+    buffers, and the hook that has the workers fill them. The pickled functions are put in
+    shared memory once a call; a hook carries only their digest and where to read them, and a
+    worker reads them when the digest is new to it."""
 
     def __init__(self, fns: list[tuple[str, Callable[..., Any]]], blob: bytes) -> None:
         self.count = len(fns)
-        self.blob = blob
+        self.key = hashlib.sha256(blob).hexdigest()
         self._buffers = SharedBuffers(keep=8)
+        try:
+            shared, self._blob, _ = self._buffers.create((len(blob),), np.dtype(np.uint8))
+            shared[:] = np.frombuffer(blob, np.uint8)
+        except BaseException:
+            self._buffers.release()
+            raise
 
     def window(self, y_true: list[np.ndarray[Any, Any]], true_packing: Packing) -> tuple[RowsHook, ScoreWindow]:
         rows = int(y_true[0].shape[0])
@@ -246,7 +290,8 @@ class FleetScores:
             window.release(finished=False)
             raise
         window.scores = scores
-        return RowsHook(AFTER_PREDICTIONS, self.blob, AfterSpec(tuple(specs), scores_spec, true_packing)), window
+        after = AfterSpec(tuple(specs), scores_spec, true_packing)
+        return RowsHook(AFTER_PREDICTIONS, self.key, self._blob, after), window
 
     def close(self) -> None:
         self._buffers.release()

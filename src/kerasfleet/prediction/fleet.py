@@ -334,10 +334,11 @@ class Fleet:
                     inflight.append(self._start(normalize_inputs(batch, self.signature), batch_size, None, after))
                 if not inflight:
                     return
-                head = inflight.popleft()
+                head = inflight[0]
                 try:
                     result = head.result(None)
                 finally:
+                    inflight.popleft()  # taken off only here: an interrupt anywhere above still closes it
                     head.close()
                 yield result
         finally:
