@@ -145,7 +145,7 @@ def test_score_functions_that_fail_in_a_fleets_workers(zoo, tmp_path):
         ("segfault always", segfault(), WorkerCrashedError, "SIGSEGV"),
         ("not importable in the worker", local_only_scores.score, WorkerError, "local_only_scores"),
     ]
-    with kerasfleet.Fleet(folder / "mlp.keras", engine="onnx", workers=1, max_retries=2) as fleet:
+    with kerasfleet.Fleet(folder / "mlp.keras", engine="onnx", workers=1, threads_per_worker=1, max_retries=2) as fleet:
         fleet.wait_ready()
         want = np.abs(y - fleet.predict(x)).mean()
         for case, fn, error, message in table:
