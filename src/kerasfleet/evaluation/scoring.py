@@ -67,19 +67,23 @@ SLICE_SIZES = (1024, 4096, 16384)
 # glibc: keep freed memory in the heap instead of returning it (and faulting it in again) at
 # every NumPy temporary over the mmap threshold. Bounded: score workers kept with a warm Fleet
 # idle between evaluations, holding at most this much freed memory each; prediction workers
-# hold it only while they have score windows attached (_FreedMemory).
+# hold that much only while they have score windows attached (_FreedMemory).
 _MMAP_THRESHOLD, _TRIM_THRESHOLD = 32 << 20, 256 << 20
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
-_GLIBC_DEFAULT_THRESHOLD = 128 << 10  # M_MMAP_THRESHOLD and M_TRIM_THRESHOLD
+# After scoring: glibc's own dynamic rule would reach these (the mmap threshold rises to the
+# largest freed mapped chunk, up to 32 MiB on 64-bit, the trim threshold to twice that).
+_AFTER_TRIM_THRESHOLD = 2 * _MMAP_THRESHOLD
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 class _FreedMemory:
     """_MALLOC_ENV's settings in a process already running (a fleet's prediction worker),
     while it has score windows attached: the CRPS of bench/evaluate.py runs at 0.38 instead of
-    0.86-1.4 us a row with them. When the last window closes, glibc's default thresholds are
-    set back and the freed memory returned (`malloc_trim`): the worker lives on, predicting.
-    Not glibc: nothing."""
+    0.86-1.4 us a row with them. When the last window closes, the freed memory is returned
+    (`malloc_trim`) and the trim threshold lowered to what glibc's dynamic rule would give; the
+    mmap threshold stays, since setting it ends glibc's dynamic rule for good and a fixed
+    default (128 KiB) would map and fault in every engine buffer over it at every batch (the
+    JAX MLP's predictions ran at 0.6x). Not glibc: nothing."""
 
     def __init__(self) -> None:
         self.windows = 0
@@ -95,15 +99,14 @@ class _FreedMemory:
 
     def hold(self) -> None:
         if self.windows == 0 and self._libc is not None:
-            self._libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)  # also ends glibc's dynamic threshold
+            self._libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
             self._libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
         self.windows += 1
 
     def release(self) -> None:
         self.windows -= 1
         if self.windows == 0 and self._libc is not None:
-            self._libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            self._libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            self._libc.mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM_THRESHOLD)
             self._libc.malloc_trim(0)
 
 
