@@ -7,7 +7,8 @@ small CNN (32x32x3, two convolutions, one output), compiled with loss "mse" and 
 on `--rows` synthetic rows:
 
 - seed loop: `model.predict(x[i:i+1])` then the NumPy score, row by row (what the seed user ran;
-  timed on `--loop-rows` rows, its rate extrapolates: every row costs the same);
+  timed on `--loop-rows` rows, the best of up to 3 runs while they take under 10 s in all; its
+  rate extrapolates: every row costs the same);
 - `model.evaluate` at its default batch (32) and at the best of 256/1024/4096/8192 rows (each the
   best of 3 calls), without the score (Keras has no per-row NumPy metric);
 - `kerasfleet.evaluate(path, x, y, metrics=[crps_quadrature])`: loss, mae and the score, the
@@ -84,10 +85,17 @@ def main():
     rates = {}
 
     # The seed's loop: row by row.
+    # The best of up to 3 runs (while they take under 10 s in all): one run moved by 1.5x between runs.
     model.predict(x[:1], verbose=0)
-    started = time.perf_counter()
-    loop_scores = [crps_quadrature(y[i : i + 1], model.predict(x[i : i + 1], verbose=0))[0] for i in range(args.loop_rows)]
-    rates["seed loop (predict + score per row)"] = args.loop_rows / (time.perf_counter() - started)
+    loop_seconds, spent = math.inf, 0.0
+    for _ in range(3):
+        started = time.perf_counter()
+        loop_scores = [crps_quadrature(y[i : i + 1], model.predict(x[i : i + 1], verbose=0))[0] for i in range(args.loop_rows)]
+        took = time.perf_counter() - started
+        loop_seconds, spent = min(loop_seconds, took), spent + took
+        if spent > 10:
+            break
+    rates["seed loop (predict + score per row)"] = args.loop_rows / loop_seconds
 
     def timed(label, fn, repeats=1):
         seconds = math.inf
@@ -137,12 +145,15 @@ def main():
         f"score {1e6 * score_s:.3f} us of CPU a row (one thread) / {ncores} cores; together {ceiling:,.0f} rows/s "
         f"= {ceiling / loop:,.1f}x the seed loop, {ceiling / best_rate:.2f}x the best model.evaluate"
     )
-    # The same bound from the parts as they run here: kerasfleet's predictions alone (warm
-    # fleet, every core) and the score's CPU time, nothing else counted.
-    predict_s = 1.0 / rates["kerasfleet Fleet.predict alone (no loss, metrics or score), warm"]
+    # The same bound from the parts as they run here: kerasfleet's predictions (warm fleet,
+    # every core: predict alone, or the evaluation without the score when that ran faster) and
+    # the score's CPU time, nothing else counted.
+    predict_s = 1.0 / max(
+        rates["kerasfleet Fleet.predict alone (no loss, metrics or score), warm"], rates["kerasfleet.evaluate (loss + mae only), warm Fleet"]
+    )
     parts = 1.0 / (predict_s + score_s / ncores)
     print(
-        f"# bound from the measured parts: predictions alone {1e6 * predict_s:.3f} us a row (warm Fleet.predict, {model_s / predict_s:.0%} "
+        f"# bound from the measured parts: predictions {1e6 * predict_s:.3f} us a row (warm fleet, {model_s / predict_s:.0%} "
         f"of the GEMM peak) + the score / {ncores} cores = {parts:,.0f} rows/s = {parts / best_rate:.2f}x the best model.evaluate"
     )
     for name, need in (("20x the seed loop", 20 * loop), ("0.9x the best model.evaluate", 0.9 * best_rate)):
