@@ -69,6 +69,11 @@ def main(out_dir):
                 want = model.evaluate(x, y, sample_weight=sw, return_dict=True, verbose=0)
                 got = kerasfleet.evaluate(fleet, x, y, sample_weight=sw)
                 results[name] = {"keras": {k: float(v) for k, v in want.items()}, "fleet": got}
+            if kind == "multi":  # a score function on dicts, in the fleet's workers (one core each)
+                y_pred = model.predict(x, verbose=0)
+                got = kerasfleet.evaluate(fleet, x, y, metrics=[eval_fns.abs_error_first])
+                loop = float(np.mean([np.abs(y_reg[i, 0] - y_pred["reg"][i, 0]) for i in range(ROWS)]))
+                results["multi-score"] = {"fleet": got["abs_error_first"], "loop": loop, "loss": got["loss"]}
     # NumPy per-row scores in the workers, against the plain loop over rows.
     model = keras.saving.load_model(out / "single.keras")
     y_pred = model.predict(x, verbose=0)

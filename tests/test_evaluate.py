@@ -42,6 +42,12 @@ def test_numpy_scores_run_in_workers_and_equal_the_loop(cases):
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+def test_a_score_function_takes_a_multi_output_models_dicts(cases):
+    got = cases["multi-score"]
+    np.testing.assert_allclose(got["fleet"], got["loop"], rtol=1e-5)
+    np.testing.assert_allclose(got["loss"], cases["multi"]["keras"]["loss"], rtol=1e-5)
+
+
 def test_onnx_predictions_give_the_same_metrics_closely(cases):
     want, got = cases["onnx"]["keras"], cases["onnx"]["fleet"]
     for name, value in want.items():
