@@ -29,9 +29,10 @@ from .base import Engine, Key, Outputs
 from .registry import EngineConfig, build_engine
 
 HANDLER = "kerasfleet.engines.handler:engine_handler"
-# Hooks built in one worker, kept for the next jobs with the same config (a warm fleet's
-# repeated evaluations): the latest few.
-_HOOKS_KEPT = 4
+# Hooks built in one worker, kept for the next jobs with the same key (a warm fleet's
+# repeated evaluations): the latest 2 only, since one may hold large state (a score
+# function's closure) for as long as the worker lives.
+_HOOKS_KEPT = 2
 
 
 @dataclass(frozen=True)
