@@ -219,7 +219,7 @@ def test_score_workers_call_the_function_on_slices_and_keep_every_score():
     pool = ScorePool([("crps", crps_gaussian_quadrature)], 2, "jax")
     try:
         # 25,001 rows a chunk: every slice size is tried on real rows, then the fastest used.
-        got = pool.score([y_true], [y_pred], None, Packing("single", ()), Packing("single", ()))
+        got = pool.score([y_true], [y_pred], Packing("single", ()), Packing("single", ()))
     finally:
         pool.close()
     assert got.shape == (1, 200_003)

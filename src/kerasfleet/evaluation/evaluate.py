@@ -168,7 +168,7 @@ def evaluate(
                 if in_fleet is not None:
                     scores.append(windows.popleft().result())
                 elif pool is not None:
-                    scores.append(pool.score(_flat(y_true), _flat(y_pred), weight, _packing(y_true), _packing(y_pred)))
+                    scores.append(pool.score(_flat(y_true), _flat(y_pred), _packing(y_true), _packing(y_pred)))
                 if bar is not None:
                     bar.update(hi - lo)
         finally:

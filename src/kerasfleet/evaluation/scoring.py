@@ -19,7 +19,7 @@ Ray cluster's actors) are scored by a `ScorePool` of score workers, one a core, 
 
     parent                                         score workers (runtime workers)
     ------                                         -------------------------------
-    window of y_true, y_pred (and sample weights)
+    window of y_true, y_pred
       -> shared buffers, Attach(ScoreSpec) ----->  map the buffers
       ScoreRows(a, b) x chunks ------------------>  scores[i, a:b] = fns[i](y_true[a:b], y_pred[a:b])
       <- Done (nothing: scores are in the buffer)
@@ -130,7 +130,6 @@ class Packing:
 class ScoreSpec:
     y_true: tuple[BufferSpec, ...]
     y_pred: tuple[BufferSpec, ...]
-    weight: BufferSpec | None
     scores: BufferSpec  # (functions, rows) float64
     true_packing: Packing
     pred_packing: Packing
@@ -148,11 +147,10 @@ class _Open:
         self.spec = spec
         self.y_true = [OpenBuffer(b) for b in spec.y_true]
         self.y_pred = [OpenBuffer(b) for b in spec.y_pred]
-        self.weight = OpenBuffer(spec.weight) if spec.weight is not None else None
         self.scores = OpenBuffer(spec.scores)
 
     def close(self) -> None:
-        for b in [*self.y_true, *self.y_pred, self.scores, *([self.weight] if self.weight else [])]:
+        for b in [*self.y_true, *self.y_pred, self.scores]:
             b.close()
 
 
@@ -284,11 +282,7 @@ class FleetScores:
         window = ScoreWindow(self._buffers)
         try:
             scores, scores_spec = window.create((self.count, rows), np.dtype(np.float64))
-            specs = []
-            for a in y_true:
-                shared, spec = window.create(a.shape, a.dtype)
-                np.copyto(shared, a)
-                specs.append(spec)
+            specs = [window.put(a) for a in y_true]
         except BaseException:
             window.release(finished=False)
             raise
@@ -301,7 +295,7 @@ class FleetScores:
 
 
 class ScoreWindow:
-    """One window's buffers; its scores are read once its predictions are back."""
+    """One window's buffers; its scores are read once every worker is done with it."""
 
     def __init__(self, buffers: SharedBuffers) -> None:
         self._buffers = buffers
@@ -312,6 +306,12 @@ class ScoreWindow:
         array, spec, segment = self._buffers.create(shape, dtype)
         self._segments.append(segment)
         return array, spec
+
+    def put(self, array: np.ndarray[Any, Any]) -> BufferSpec:
+        """A copy of `array` in a new buffer of the window."""
+        shared, spec = self.create(array.shape, array.dtype)
+        np.copyto(shared, array)
+        return spec
 
     def result(self) -> np.ndarray[Any, Any]:
         """The scores (a copy), once every chunk of the window is done; frees the buffers."""
@@ -386,30 +386,20 @@ class ScorePool:
         self,
         y_true: list[np.ndarray[Any, Any]],
         y_pred: list[np.ndarray[Any, Any]],
-        weight: np.ndarray[Any, Any] | None,
         true_packing: Packing,
         pred_packing: Packing,
     ) -> np.ndarray[Any, Any]:
         """(functions, rows) scores of one window, computed by the workers in chunks."""
         rows = int(y_pred[0].shape[0])
-        segments: list[Segment] = []
-
-        def put(array: np.ndarray[Any, Any]) -> BufferSpec:
-            shared, spec, segment = self._buffers.create(array.shape, array.dtype)
-            segments.append(segment)
-            np.copyto(shared, array)
-            return spec
-
+        window = ScoreWindow(self._buffers)
         context: Context | None = None
         futures: list[Future[Any]] = []
         finished = False
         try:
-            scores, scores_spec, segment = self._buffers.create((len(self.names), rows), np.float64)
-            segments.append(segment)
+            scores, scores_spec = window.create((len(self.names), rows), np.dtype(np.float64))
             spec = ScoreSpec(
-                tuple(put(np.ascontiguousarray(a)) for a in y_true),
-                tuple(put(np.ascontiguousarray(a)) for a in y_pred),
-                put(np.ascontiguousarray(weight)) if weight is not None else None,
+                tuple(window.put(np.ascontiguousarray(a)) for a in y_true),
+                tuple(window.put(np.ascontiguousarray(a)) for a in y_pred),
                 scores_spec,
                 true_packing,
                 pred_packing,
@@ -433,10 +423,7 @@ class ScorePool:
                 f.cancel()
             if context is not None:
                 self._supervisor.close_context(context)
-            if finished:
-                self._buffers.recycle(segments)
-            else:
-                self._buffers.discard(segments)
+            window.release(finished)
 
     def close(self) -> None:
         self._supervisor.close()
