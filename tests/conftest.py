@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # In-process Keras (for in-memory model tests) uses JAX; workers get their backend per test.
@@ -29,6 +30,18 @@ def leftovers():
             pass
     shm = [f for f in os.listdir("/dev/shm") if f.startswith("kerasfleet")]
     return kids, shm
+
+
+def wait_until(condition, timeout, what):
+    """Poll `condition` until true; fail with `what` after `timeout` s.
+
+    A supervisor learns of a worker's death in its own thread (the pidfd), so a call made just
+    after a kill may finish on another worker before the replacement shows in the snapshot.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"expected {what} within {timeout} s"
+        time.sleep(0.05)
 
 
 def assert_clean():

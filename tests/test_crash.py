@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import kerasfleet
-from conftest import HERE, assert_clean, load_x, load_y
+from conftest import HERE, assert_clean, load_x, load_y, wait_until
 from kerasfleet.errors import RemoteTraceback
 
 BACKEND = "jax"
@@ -83,12 +83,8 @@ def test_million_rows_with_a_worker_sigkilled_mid_run(monkeypatch, folder, tmp_p
         victim = fleet.pids[0]
         os.kill(victim, signal.SIGKILL)
         np.testing.assert_array_equal(fleet.predict(x[:5000]), got[:5000])
-        # The supervisor learns of the death from the worker's pidfd, in its own thread: the
-        # call above may finish on the other worker first, so the replacement is awaited.
-        deadline = time.monotonic() + 30
-        while victim in fleet.pids and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert victim not in fleet.pids and fleet.restarts == 1
+        wait_until(lambda: victim not in fleet.pids, 30, "the killed worker replaced")
+        assert fleet.restarts == 1
         fleet.wait_ready(timeout=120)
     assert_clean()
 

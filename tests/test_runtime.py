@@ -8,7 +8,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import pytest
 
-from conftest import assert_clean
+from conftest import assert_clean, wait_until
 from kerasfleet.errors import FleetClosedError, TaskTimeoutError, WorkerCrashedError, WorkerStartError
 from kerasfleet.runtime import RECORD, REQUEUE, Echo, LocalWorker, Noop, Sleep, Supervisor, WorkerInit, make_plan
 
@@ -29,8 +29,9 @@ def test_a_long_lived_fleet_replaces_a_dead_worker_after_the_start_deadline():
         victim = sup.workers()[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         assert sup.submit(Echo(1)).result(timeout=30) == 1
+        wait_until(lambda: victim not in [w["pid"] for w in sup.workers()], 30, "the killed worker replaced")
         sup.wait_ready(30)
-        assert victim not in [w["pid"] for w in sup.workers()] and len(sup.workers()) == 2
+        assert len(sup.workers()) == 2
         assert sup.broken is None and sup.restarts == 1
     finally:
         sup.close()
