@@ -1,6 +1,6 @@
 """The runtime's own overhead: no-op tasks per second and one-row round trips, in one run.
 
-    KERAS_BACKEND=jax .venv/bin/python bench/runtime.py [--quick] [--parts noop,latency] [--engines keras,onnx]
+    KERAS_BACKEND=jax .venv/bin/python bench/runtime.py [--quick] [--parts noop,latency,start] [--engines keras,onnx]
 
 (a) no-op tasks per second through the task supervisor and 2 bare workers
     (`kerasfleet.runtime.worker:bare_handler`, no model): N `Noop()` tasks submitted from one
@@ -12,6 +12,13 @@
     `fleet.predict(x[i:i+1])` -> p50, p90, p99 in ms. Its peers, in the same run and on the same
     rows: `model.predict(x1, verbose=0)` (100 calls), `model(x1)` eager, and the in-process
     `kerasfleet.Predictor(path, engine="onnx").predict(x1)`.
+
+(c) `--parts start` (JAX): what a worker's start costs a one-shot call, each in a fresh
+    Python process as a script runs it, whole process timed, best of 3 (the variants
+    alternate): a plain script (`import keras`, `load_model`, `model.predict` of 1,000 rows),
+    and `kerasfleet.predict(path, x, engine="keras", workers=2)` with XLA's persistent
+    compilation cache off (`JAX_ENABLE_COMPILATION_CACHE=false`, as every worker started before
+    the cache) and read back (the same cache folder, filled by an untimed first call).
 
 It prints the machine's facts, a table, and the issue's targets with PASS/FAIL:
 ">= 5,000 no-op tasks/s through 2 workers" (one submitting thread) and "1-row p50 <= 0.5 ms"
@@ -150,6 +157,51 @@ def latency_rows(engines: list[str], calls: int, warmup: int, predict_calls: int
     return rows, fleet_p50
 
 
+# -- (c) a worker's start, in a one-shot call -------------------------------------------------
+_PLAIN = """
+import keras, numpy as np
+model = keras.saving.load_model({path!r})
+model.predict(np.load({x!r}), verbose=0)
+"""
+_ONE_SHOT = """
+import kerasfleet, numpy as np
+if __name__ == "__main__":
+    kerasfleet.predict({path!r}, np.load({x!r}), engine="keras", workers=2, progress=False)
+"""
+
+
+def start_rows(rounds: int) -> dict[str, float]:
+    """Seconds (best of `rounds`) of each variant's whole process."""
+    import subprocess
+
+    tmp = Path(tempfile.mkdtemp(prefix="kf-bench-start-"))
+    path, x_path = tmp / "mlp.keras", tmp / "x.npy"
+    build("mlp").save(path)
+    np.save(x_path, np.random.default_rng(0).normal(size=(1000, 32)).astype("float32"))
+    env = {**os.environ, "KERASFLEET_CACHE_DIR": str(tmp / "cache")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    variants = {
+        "plain script: import keras, load_model, model.predict": (_PLAIN, env),
+        "kerasfleet.predict one-shot, workers without the compilation cache": (
+            _ONE_SHOT,
+            {**env, "JAX_ENABLE_COMPILATION_CACHE": "false"},
+        ),
+        "kerasfleet.predict one-shot, workers reading the compilation cache": (_ONE_SHOT, env),
+    }
+
+    def run(code: str, variant_env: dict[str, str]) -> float:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code.format(path=str(path), x=str(x_path))], env=variant_env, check=True)
+        return time.perf_counter() - started
+
+    run(_ONE_SHOT, env)  # fills the cache (and the tuned plan is not involved: engine="keras")
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(rounds):
+        for label, (code, variant_env) in variants.items():
+            best[label] = min(best[label], run(code, variant_env))
+    return best
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -162,7 +214,7 @@ def main() -> None:
     args = parser.parse_args()
     parts = {p for p in args.parts.split(",") if p}
     engines = [e for e in args.engines.split(",") if e]
-    import keras  # noqa: F401  (machine_facts reads its backend)
+    import keras  # machine_facts reads its backend
 
     n_noop, calls, warmup, predict_calls = (1_000, 200, 20, 20) if args.quick else (20_000, 2_000, 200, 100)
     print(machine_facts())
@@ -186,6 +238,21 @@ def main() -> None:
         print("| --- | ---: | ---: | ---: |")
         for label, (p50, p90, p99) in rows.items():
             print(f"| {label} | {p50:.3f} | {p90:.3f} | {p99:.3f} |")
+
+    if "start" in parts:
+        if keras.backend.backend() != "jax":
+            print("\n## a worker's start: JAX only (the compilation cache is XLA's)")
+        else:
+            start = start_rows(1 if args.quick else 3)
+            plain = start["plain script: import keras, load_model, model.predict"]
+            print("\n## a one-shot call of 1,000 rows on the MLP, whole fresh process (best of 3)")
+            print("| path | s | vs plain script |")
+            print("| --- | ---: | ---: |")
+            for label, seconds in start.items():
+                print(f"| {label} | {seconds:.2f} | {plain / seconds:.2f}x |")
+            off = start["kerasfleet.predict one-shot, workers without the compilation cache"]
+            on = start["kerasfleet.predict one-shot, workers reading the compilation cache"]
+            print(f"# reading the cache back: {off / on:.2f}x the one-shot call without it ({off - on:.2f} s less)")
 
     print("\n## targets")
     if rates:

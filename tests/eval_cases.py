@@ -62,7 +62,9 @@ def main(out_dir):
         path = out / f"{kind}.keras"
         model.save(path)
         # One warm Fleet for both calls (the calls on a path are the score and ONNX cases below).
-        with kerasfleet.Fleet(path, engine="keras", workers=2) as fleet:
+        # Windows from 2 workers merge on the single-output model; 1 worker (several windows
+        # still) is enough for the multi-output one, and spares a worker's start.
+        with kerasfleet.Fleet(path, engine="keras", workers=2 if kind == "single" else 1) as fleet:
             for weighted in (False, True):
                 sw = weight if weighted else None
                 name = f"{kind}{'-weighted' if weighted else ''}"

@@ -253,3 +253,18 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(fleet, x, capsys):
     fleet.predict(x, progress=True)
     err = capsys.readouterr().err
     assert "kerasfleet" in err and "100%" in err and "rows/s" in err  # rate, and ETA while running
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_jax_workers_share_the_persistent_compilation_cache(folder, x, y, monkeypatch, tmp_path, enabled):
+    """Loading a model compiles its initializers, predicting compiles per batch shape: the
+    programs go to kerasfleet's cache folder and the next worker reads them back (same numbers)."""
+    monkeypatch.setenv("KERASFLEET_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    if not enabled:
+        monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "false")
+    for _ in range(2):  # written by the first fleet, read back by the second
+        with kerasfleet.Fleet(folder / "mlp.keras", workers=1, batch_size=128, backend=BACKEND, engine="keras") as f:
+            np.testing.assert_allclose(f.predict(x, progress=False), y, rtol=1e-5, atol=1e-6)
+    stored = list((tmp_path / "jax-compile").glob("*")) if (tmp_path / "jax-compile").exists() else []
+    assert (len(stored) > 0) == enabled, stored
