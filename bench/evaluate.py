@@ -107,7 +107,9 @@ def main():
         print(f"  {label}: {rates[label]:,.0f} rows/s", flush=True)
         return result
 
-    print(f"  seed loop (predict + score per row): {rates['seed loop (predict + score per row)']:,.0f} rows/s ({args.loop_rows} rows)")
+    print(
+        f"  seed loop (predict + score per row): {rates['seed loop (predict + score per row)']:,.0f} rows/s ({args.loop_rows} rows)"
+    )
     want = timed("model.evaluate, batch 32 (default)", lambda: model.evaluate(x, y, return_dict=True, verbose=0))
     best = None
     for batch in (256, 1024, 4096, 8192):
@@ -126,14 +128,18 @@ def main():
         fleet.wait_ready()
         kerasfleet.evaluate(fleet, x[:1000], y[:1000], metrics=[crps_quadrature])  # warm: every shape compiled
         scored = timed(
-            "kerasfleet.evaluate + NumPy score, warm Fleet", lambda: kerasfleet.evaluate(fleet, x, y, metrics=[crps_quadrature]), REPEATS
+            "kerasfleet.evaluate + NumPy score, warm Fleet",
+            lambda: kerasfleet.evaluate(fleet, x, y, metrics=[crps_quadrature]),
+            REPEATS,
         )
         got = timed("kerasfleet.evaluate (loss + mae only), warm Fleet", lambda: kerasfleet.evaluate(fleet, x, y), REPEATS)
         fleet.predict(x[:1000])
         timed("kerasfleet Fleet.predict alone (no loss, metrics or score), warm", lambda: fleet.predict(x), REPEATS)
     for name in want:
         np.testing.assert_allclose([got[name], scored[name], cold[name]], [want[name]] * 3, rtol=1e-4, err_msg=name)
-    print(f"  score: kerasfleet {scored['crps_quadrature']:.6f}, seed loop on its {args.loop_rows} rows {np.mean(loop_scores):.6f}")
+    print(
+        f"  score: kerasfleet {scored['crps_quadrature']:.6f}, seed loop on its {args.loop_rows} rows {np.mean(loop_scores):.6f}"
+    )
 
     ncores = len(kerasfleet.make_plan().usable_cpus)
     model_s = flops_per_row(model) / (peak * 1e9)  # wall seconds a row, every core at the peak
@@ -149,7 +155,8 @@ def main():
     # every core: predict alone, or the evaluation without the score when that ran faster) and
     # the score's CPU time, nothing else counted.
     predict_s = 1.0 / max(
-        rates["kerasfleet Fleet.predict alone (no loss, metrics or score), warm"], rates["kerasfleet.evaluate (loss + mae only), warm Fleet"]
+        rates["kerasfleet Fleet.predict alone (no loss, metrics or score), warm"],
+        rates["kerasfleet.evaluate (loss + mae only), warm Fleet"],
     )
     parts = 1.0 / (predict_s + score_s / ncores)
     print(
@@ -158,7 +165,9 @@ def main():
     )
     for name, need in (("20x the seed loop", 20 * loop), ("0.9x the best model.evaluate", 0.9 * best_rate)):
         verdict = "under the ceiling" if need <= ceiling else "ABOVE the ceiling: no scored evaluation reaches it here"
-        print(f"# target {name}: {need:,.0f} rows/s, {need / ceiling:.0%} of the ceiling, {need / parts:.0%} of the parts' bound - {verdict}")
+        print(
+            f"# target {name}: {need:,.0f} rows/s, {need / ceiling:.0%} of the ceiling, {need / parts:.0%} of the parts' bound - {verdict}"
+        )
     print("\n| path | rows/s | vs seed loop | vs best model.evaluate |")
     print("| --- | ---: | ---: | ---: |")
     for label, rate in rates.items():

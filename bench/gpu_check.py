@@ -57,7 +57,9 @@ def main():
     summary = {}
     smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
     summary["gpus"] = smi.stdout.strip()
-    print(f"# {summary['gpus']}; cores {os.cpu_count()}, usable {len(os.sched_getaffinity(0))}; keras {keras.__version__}, backend {keras.backend.backend()}")
+    print(
+        f"# {summary['gpus']}; cores {os.cpu_count()}, usable {len(os.sched_getaffinity(0))}; keras {keras.__version__}, backend {keras.backend.backend()}"
+    )
     import jax
 
     print(f"# jax {jax.__version__}: {jax.devices()}")
@@ -81,8 +83,14 @@ def main():
         got = fleet.predict(x[:4096])
         diff = float(np.max(np.abs(got - want)))
         r = rate(lambda: fleet.predict(x), args.rows, args.seconds)
-        summary["gpu_fleet"] = {"plan": stats["plan"], "workers": stats["workers"], "batch": fleet.batch_size, "ready_s": ready,
-                                "max_abs_diff_vs_model_predict": diff, "rows_per_s": r}
+        summary["gpu_fleet"] = {
+            "plan": stats["plan"],
+            "workers": stats["workers"],
+            "batch": fleet.batch_size,
+            "ready_s": ready,
+            "max_abs_diff_vs_model_predict": diff,
+            "rows_per_s": r,
+        }
         print(f"GPU fleet: {stats['plan']}, batch {fleet.batch_size}, ready in {ready:.1f} s, workers {stats['workers']}")
         print(f"GPU fleet: {r:,.0f} rows/s; max abs diff vs model.predict {diff:.2e}")
 
@@ -99,7 +107,9 @@ def main():
             r = rate(lambda: fleet.predict(x), args.rows, args.seconds)
         scaling[workers] = r
         eff = r / (scaling[counts[0]] * workers)
-        print(f"CPU fleet {workers:>2} x 1 thread: {r:,.0f} rows/s, efficiency {eff:.2f} vs 1 worker, ready in {ready:.1f} s, max abs diff {diff:.1e}")
+        print(
+            f"CPU fleet {workers:>2} x 1 thread: {r:,.0f} rows/s, efficiency {eff:.2f} vs 1 worker, ready in {ready:.1f} s, max abs diff {diff:.1e}"
+        )
     summary["cpu_scaling_rows_per_s"] = scaling
     print("SUMMARY " + json.dumps(summary))
 

@@ -648,7 +648,9 @@ async def bench_server(name: str, args: argparse.Namespace, work: Workload, mode
         target = Target(server, args.protocol if name == "kerasfleet" else "tfs")
         if name == "kerasfleet":
             # What runs the model and why (measured at start, or given): its start-up log line.
-            chosen = [line for line in server.log.read_text(errors="replace").splitlines() if line.startswith("kerasfleet serve: mlp:")]
+            chosen = [
+                line for line in server.log.read_text(errors="replace").splitlines() if line.startswith("kerasfleet serve: mlp:")
+            ]
             result["notes"].extend(chosen)
             for line in chosen:
                 print(f"{name}: {line}", flush=True)

@@ -124,7 +124,13 @@ def run_kerasfleet(configs, seeds, compile_cache=True):
     # A fresh, empty compilation cache: every architecture is compiled in this run, as in the others.
     cache = folder / "xla" if compile_cache else False
     result = kerasfleet.sweep(
-        train, configs=configs, seeds=seeds, store=folder / "runs.sqlite", metric="val_accuracy", compile_cache=cache, progress=False
+        train,
+        configs=configs,
+        seeds=seeds,
+        store=folder / "runs.sqlite",
+        metric="val_accuracy",
+        compile_cache=cache,
+        progress=False,
     )
     if result.counts != {"done": len(configs) * len(seeds)}:
         raise RuntimeError(f"kerasfleet.sweep did not finish every trial: {result!r}")

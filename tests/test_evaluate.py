@@ -17,7 +17,9 @@ pytestmark = pytest.mark.timeout(600)
 def cases(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"eval_{request.param}")
     env = {**os.environ, "KERAS_BACKEND": request.param}
-    run = subprocess.run([sys.executable, str(HERE / "eval_cases.py"), str(out)], env=env, capture_output=True, text=True, timeout=560)
+    run = subprocess.run(
+        [sys.executable, str(HERE / "eval_cases.py"), str(out)], env=env, capture_output=True, text=True, timeout=560
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads((out / "results.json").read_text())
 
@@ -79,7 +81,9 @@ def test_a_score_function_of_the_wrong_shape_names_itself(zoo):
 
     folder = zoo("jax")
     with pytest.raises(WorkerError, match=r"Expected the score function 'wrong_shape' to return one number per row"):
-        kerasfleet.evaluate(folder / "mlp.keras", np.zeros((50, 32), np.float32), np.zeros((50, 10)), metrics=[eval_fns.wrong_shape], workers=1)
+        kerasfleet.evaluate(
+            folder / "mlp.keras", np.zeros((50, 32), np.float32), np.zeros((50, 10)), metrics=[eval_fns.wrong_shape], workers=1
+        )
 
 
 def test_a_warm_fleet_is_reused_and_left_open(zoo):
@@ -106,7 +110,9 @@ def test_a_warm_fleet_is_reused_and_left_open(zoo):
 
         scored = [kerasfleet.evaluate(fleet, x, y, metrics=[crps_gaussian_quadrature]) for _ in range(2)]
         assert scored[0] == scored[1] and not fleet._attached
-        np.testing.assert_allclose(scored[0]["crps_gaussian_quadrature"], crps_gaussian_quadrature(y, fleet.predict(x)).mean(), rtol=1e-6)
+        np.testing.assert_allclose(
+            scored[0]["crps_gaussian_quadrature"], crps_gaussian_quadrature(y, fleet.predict(x)).mean(), rtol=1e-6
+        )
         many = np.resize(x, (4000, *x.shape[1:]))  # chunks enough for both workers
         _, per_row = kerasfleet.evaluate(fleet, many, np.resize(y, (4000, 4)), metrics=[worker_pid], return_scores=True)
         assert set(per_row["worker_pid"].astype(int)) == set(pids) and len(per_row["worker_pid"]) == 4000
@@ -126,7 +132,6 @@ def test_a_warm_fleet_is_reused_and_left_open(zoo):
     assert_clean()
 
 
-
 def test_score_functions_that_fail_in_a_fleets_workers(zoo, tmp_path):
     """Scores run in the prediction workers: a failing function fails the call with a clear
     error, a crash is a worker crash (requeued, then refused), and the fleet goes on."""
@@ -139,7 +144,9 @@ def test_score_functions_that_fail_in_a_fleets_workers(zoo, tmp_path):
     x = np.resize(load_x(folder, "mlp"), (2000, 32))
     y = np.random.default_rng(0).normal(size=(len(x), 10)).astype("float32")
     # Importable here only: pickled by reference, the workers cannot import it.
-    (tmp_path / "local_only_scores.py").write_text("import numpy as np\ndef score(t, p):\n    return np.abs(t - p).mean(axis=1)\n")
+    (tmp_path / "local_only_scores.py").write_text(
+        "import numpy as np\ndef score(t, p):\n    return np.abs(t - p).mean(axis=1)\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         import local_only_scores

@@ -164,7 +164,12 @@ class _Functions:
         self.slices = [SliceSize() for _ in self.fns]
 
     def score(
-        self, y_true: Callable[[int, int], Any], y_pred: Callable[[int, int], Any], scores: np.ndarray[Any, Any], start: int, stop: int
+        self,
+        y_true: Callable[[int, int], Any],
+        y_pred: Callable[[int, int], Any],
+        scores: np.ndarray[Any, Any],
+        start: int,
+        stop: int,
     ) -> None:
         """scores[i, start:stop] = fns[i](y_true(lo, hi), y_pred(lo, hi)), slice by slice."""
         for i, (name, fn) in enumerate(self.fns):
@@ -366,7 +371,9 @@ def score_handler(blob: bytes) -> ScoreHandler:
 class ScorePool:
     """Score workers, one per core (or `workers`), kept for every window of one evaluation."""
 
-    def __init__(self, fns: list[tuple[str, Callable[..., Any]]], workers: int | None, backend: str, blob: bytes | None = None) -> None:
+    def __init__(
+        self, fns: list[tuple[str, Callable[..., Any]]], workers: int | None, backend: str, blob: bytes | None = None
+    ) -> None:
         import cloudpickle
 
         self.names = [name for name, _ in fns]

@@ -445,10 +445,17 @@ class Fleet:
         row_specs = source_rows(sources)
         batch = batch_size or self._resolution.batch_for(row_specs)
         if after is not None and (self._cluster is not None or rows == 0):
-            raise InputError(f"Expected rows on local workers for a hook on predicted rows. Received: {rows} rows, cluster={self._cluster!r}.")
+            raise InputError(
+                f"Expected rows on local workers for a hook on predicted rows. Received: {rows} rows, cluster={self._cluster!r}."
+            )
         if rows == 0:
             return _EmptyCall(self._outputs((batch, row_specs)), out)
-        if after is None and out is None and all(s.array is not None for s in sources) and self._fits_inline(rows, batch, row_specs):
+        if (
+            after is None
+            and out is None
+            and all(s.array is not None for s in sources)
+            and self._fits_inline(rows, batch, row_specs)
+        ):
             key = (bucket(rows, batch), row_specs)
             outputs = self._outputs(key)
             arrays = tuple(np.ascontiguousarray(s.array, dtype=s.dtype) for s in sources)
