@@ -227,3 +227,25 @@ def test_gate_numbers_are_what_they_say():
     # a NaN where fp32 is finite fails whatever the thresholds
     nan = [got[0], np.array([[np.nan]] * 4, "float32")]
     assert Gate(1.0, atol=10.0).judge(precision_module.gate_numbers(ref, nan))[0] is False
+
+
+def test_openvino_imported_by_kerasfleet_sends_no_usage_report():
+    """`import openvino` reports itself to Google Analytics from a forked process unless the user
+    opted out; kerasfleet imports it on the user's behalf, so its converter gets its no-op stub."""
+    code = (
+        "import sys\n"
+        "from kerasfleet.engines.openvino_engine import import_openvino\n"
+        "ov = import_openvino()\n"
+        "import openvino.tools.ovc.telemetry_utils as t\n"
+        "print(t.tm.__name__, 'openvino_telemetry' in sys.modules, hasattr(ov, 'Core'))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "False", "True"]
+    # A process that imported OpenVINO (and its telemetry) itself keeps them (CI=true: the
+    # telemetry declines to send from CI, so this test sends nothing either).
+    code = "import openvino, openvino_telemetry\n" + code
+    env = {**os.environ, "CI": "true"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["openvino_telemetry", "True", "True"]

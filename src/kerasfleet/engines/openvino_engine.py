@@ -14,6 +14,8 @@ the hint. Keras is never imported.
 from __future__ import annotations
 
 import json
+import sys
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,35 @@ import numpy as np
 from ..cache import write_atomic
 from ..errors import ModelLoadError
 from .base import GraphEngine, Key, Outputs
+
+_IMPORT_LOCK = threading.Lock()
+
+
+def import_openvino() -> Any:
+    """`import openvino`, without the usage report its import sends.
+
+    Importing `openvino` imports its model converter, which reports the import to Google
+    Analytics through `openvino_telemetry` unless the user opted out in ~/intel: from a
+    background thread it forks a process (in a caller that may run JAX or TensorFlow threads,
+    which fork can deadlock) that posts for up to 3 s. kerasfleet imports OpenVINO on the
+    user's behalf (the `auto` trial, workers), so it is imported with `openvino_telemetry`
+    unavailable: the converter falls back to its own no-op stub. A process that imported
+    OpenVINO itself keeps what it chose.
+    """
+    with _IMPORT_LOCK:
+        if "openvino" in sys.modules:
+            import openvino
+
+            return openvino
+        saved = {name: sys.modules[name] for name in list(sys.modules) if name.split(".")[0] == "openvino_telemetry"}
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # `import` raises ImportError
+        try:
+            import openvino
+
+            return openvino
+        finally:
+            del sys.modules["openvino_telemetry"]
+            sys.modules.update(saved)
 
 
 class EngineRefused(ModelLoadError):
@@ -36,8 +67,7 @@ class OpenVinoEngine(GraphEngine):
     traces = 0
 
     def __init__(self, onnx_path: str, meta: dict[str, Any], *, threads: int, precision: str = "f32") -> None:
-        import openvino as ov
-
+        ov = import_openvino()
         core = ov.Core()
         config = {
             "INFERENCE_NUM_THREADS": threads,
