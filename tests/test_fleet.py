@@ -263,8 +263,37 @@ def test_jax_workers_share_the_persistent_compilation_cache(folder, x, y, monkey
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     if not enabled:
         monkeypatch.setenv("JAX_ENABLE_COMPILATION_CACHE", "false")
+    programs = []
     for _ in range(2):  # written by the first fleet, read back by the second
         with kerasfleet.Fleet(folder / "mlp.keras", workers=1, batch_size=128, backend=BACKEND, engine="keras") as f:
             np.testing.assert_allclose(f.predict(x, progress=False), y, rtol=1e-5, atol=1e-6)
-    stored = list((tmp_path / "jax-compile").glob("*")) if (tmp_path / "jax-compile").exists() else []
-    assert (len(stored) > 0) == enabled, stored
+        programs.append(sorted(p.name for p in tmp_path.glob("jax-compile/*-cache")))
+    if enabled:
+        assert any(name.startswith("jit__uniform") for name in programs[0]), programs[0]  # the initializers
+        assert programs[1] == programs[0]  # the second worker compiled nothing new: it read them back
+    else:
+        assert programs == [[], []]
+
+
+def test_compile_cache_environment_leaves_the_users_settings(monkeypatch, tmp_path):
+    from kerasfleet.errors import InputError
+    from kerasfleet.runtime.compile_cache import compile_cache_env
+
+    monkeypatch.setenv("KERASFLEET_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "12345")
+    env = compile_cache_env(True)
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str((tmp_path / "jax-compile").resolve())
+    assert "JAX_COMPILATION_CACHE_MAX_SIZE" not in env  # the user's bound stays in force
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_env(True) == {}  # the user's own cache
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    # A cache folder that cannot be made (under a file; chmod would not stop root): no cache by
+    # default, an error when the folder is named.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("KERASFLEET_CACHE_DIR", str(blocker))
+    assert compile_cache_env(True) == {}
+    with pytest.raises(InputError, match="Expected compile_cache to be a folder kerasfleet can write to"):
+        compile_cache_env(str(blocker / "jax"))

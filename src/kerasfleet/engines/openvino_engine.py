@@ -37,8 +37,9 @@ def import_openvino() -> Any:
     background thread it forks a process (in a caller that may run JAX or TensorFlow threads,
     which fork can deadlock) that posts for up to 3 s. kerasfleet imports OpenVINO on the
     user's behalf (the `auto` trial, workers), so it is imported with `openvino_telemetry`
-    unavailable: the converter falls back to its own no-op stub. A process that imported
-    OpenVINO itself keeps what it chose.
+    unavailable: the converter falls back to its own no-op stub, for the rest of the process.
+    A process that imported OpenVINO before kerasfleet did keeps what it chose. (While this
+    import runs, another thread's `import openvino_telemetry` fails: a short window, once.)
     """
     with _IMPORT_LOCK:
         if "openvino" in sys.modules:
@@ -52,7 +53,7 @@ def import_openvino() -> Any:
 
             return openvino
         finally:
-            del sys.modules["openvino_telemetry"]
+            sys.modules.pop("openvino_telemetry", None)
             sys.modules.update(saved)
 
 

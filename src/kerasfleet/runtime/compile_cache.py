@@ -37,17 +37,29 @@ def compile_cache_env(setting: Any) -> dict[str, str]:
     if setting is True:
         if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
             return {}  # the user's own cache, with their own settings
-        folder = cache_dir() / "jax-compile"
+        folder = (cache_dir() / "jax-compile").expanduser().resolve()  # workers may start in another folder
     else:
-        folder = Path(setting).expanduser().resolve()  # workers may start in another folder
+        folder = Path(setting).expanduser().resolve()
     if importlib.util.find_spec("filelock") is None:
         return {}  # JAX's bounded cache needs it (the jax and sweep extras install it)
-    return {
-        "JAX_COMPILATION_CACHE_DIR": str(folder),
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK | os.X_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        if setting is True:
+            # JAX would warn about it in every worker (and fail a compile under
+            # PYTHONWARNINGS=error): the default cache is a speed-up, not worth either.
+            return {}
+        raise InputError(f"Expected compile_cache to be a folder kerasfleet can write to. Received: {os.fspath(setting)!r}.")
+    settings = {
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
         "JAX_COMPILATION_CACHE_MAX_SIZE": str(MAX_BYTES),
     }
+    # Bounds and thresholds the user set in the environment win over these.
+    return {"JAX_COMPILATION_CACHE_DIR": str(folder), **{k: v for k, v in settings.items() if k not in os.environ}}
 
 
 def check_compile_cache(setting: Any) -> Any:
