@@ -114,8 +114,16 @@ def test_a_warm_fleet_is_reused_and_left_open(zoo):
             scored[0]["crps_gaussian_quadrature"], crps_gaussian_quadrature(y, fleet.predict(x)).mean(), rtol=1e-6
         )
         many = np.resize(x, (4000, *x.shape[1:]))  # chunks enough for both workers
-        _, per_row = kerasfleet.evaluate(fleet, many, np.resize(y, (4000, 4)), metrics=[worker_pid], return_scores=True)
-        assert set(per_row["worker_pid"].astype(int)) == set(pids) and len(per_row["worker_pid"]) == 4000
+        # Which worker takes which chunk is the scheduler's call (a worker still compiling a
+        # new chunk shape leaves them all to the other): both must score within a few calls.
+        seen: set[int] = set()
+        for _ in range(10):
+            _, per_row = kerasfleet.evaluate(fleet, many, np.resize(y, (4000, 4)), metrics=[worker_pid], return_scores=True)
+            assert len(per_row["worker_pid"]) == 4000
+            seen |= set(per_row["worker_pid"].astype(int).tolist())
+            if seen == set(pids):
+                break
+        assert seen == set(pids)
         # A function travels as it is at the call: a changed closure value is used.
         scale = [1.0]
         scaled = lambda t, p: np.abs(t - p).mean(axis=1) * scale[0]  # noqa: E731
