@@ -277,7 +277,7 @@ def test_jax_workers_share_the_persistent_compilation_cache(folder, x, y, monkey
 
 def test_compile_cache_environment_leaves_the_users_settings(monkeypatch, tmp_path):
     from kerasfleet.errors import InputError
-    from kerasfleet.runtime.compile_cache import compile_cache_env
+    from kerasfleet.runtime.compile_cache import check_compile_cache, compile_cache_env
 
     monkeypatch.setenv("KERASFLEET_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
@@ -290,10 +290,10 @@ def test_compile_cache_environment_leaves_the_users_settings(monkeypatch, tmp_pa
     assert compile_cache_env(True) == {}  # the user's own cache
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
     # A cache folder that cannot be made (under a file; chmod would not stop root): no cache by
-    # default, an error when the folder is named.
+    # default, an error (before any work) when the folder is named.
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("KERASFLEET_CACHE_DIR", str(blocker))
     assert compile_cache_env(True) == {}
     with pytest.raises(InputError, match="Expected compile_cache to be a folder kerasfleet can write to"):
-        compile_cache_env(str(blocker / "jax"))
+        check_compile_cache(str(blocker / "jax"))

@@ -42,17 +42,11 @@ def compile_cache_env(setting: Any) -> dict[str, str]:
         folder = Path(setting).expanduser().resolve()
     if importlib.util.find_spec("filelock") is None:
         return {}  # JAX's bounded cache needs it (the jax and sweep extras install it)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        writable = os.access(folder, os.W_OK | os.X_OK)
-    except OSError:
-        writable = False
-    if not writable:
-        if setting is True:
-            # JAX would warn about it in every worker (and fail a compile under
-            # PYTHONWARNINGS=error): the default cache is a speed-up, not worth either.
-            return {}
-        raise InputError(f"Expected compile_cache to be a folder kerasfleet can write to. Received: {os.fspath(setting)!r}.")
+    if setting is True and not _writable(folder):
+        # JAX would warn about it in every worker (and fail a compile under
+        # PYTHONWARNINGS=error): the default cache is a speed-up, not worth either. A folder
+        # the user named was checked by check_compile_cache, before any work.
+        return {}
     settings = {
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
@@ -70,8 +64,19 @@ def check_compile_cache(setting: Any) -> Any:
         folder = Path(setting).expanduser()
         if folder.exists() and not folder.is_dir():
             raise InputError(f"Expected compile_cache to be a folder. Received: {os.fspath(setting)!r}, a file.")
+        if not _writable(folder):
+            raise InputError(f"Expected compile_cache to be a folder kerasfleet can write to. Received: {os.fspath(setting)!r}.")
         return setting
     raise InputError(
         "Expected compile_cache to be True (kerasfleet's cache folder), False, or a folder path. "
         f"Received: compile_cache={setting!r}."
     )
+
+
+def _writable(folder: Path) -> bool:
+    """The folder exists (made if need be) and this process may write in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.access(folder, os.W_OK | os.X_OK)
+    except OSError:
+        return False
